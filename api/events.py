@@ -1,0 +1,153 @@
+"""Versioned event contracts shared by every service.
+
+An event travels as an :class:`Envelope` whose ``data`` validates against the payload
+model registered for its ``(type, version)``. Adding a field with a default is
+compatible; anything else is a new version registered beside the old one, and
+producers keep publishing the old version until every consumer reads the new one.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ActorType = Literal[
+    "government_body",
+    "large_enterprise",
+    "medium_enterprise",
+    "small_micro_enterprise",
+    "internet_platform",
+    "technology_service_provider",
+    "university",
+    "research_institute",
+    "investor",
+    "industry_association",
+    "service_agency",
+]
+FirmRole = Literal["owner", "admin", "member", "annotator"]
+
+
+class Envelope(BaseModel):
+    """What the outbox stores and the bus carries."""
+
+    id: str = Field(description="unique event id; consumers deduplicate on it")
+    type: str = Field(examples=["cluster.member_joined"])
+    version: int = 1
+    source: str = Field(description="the producing service")
+    occurred_at: datetime
+    data: dict[str, Any]
+
+    def payload(self) -> EventPayload:
+        """The typed payload; raises if the type or version is unknown."""
+        model = REGISTRY[(self.type, self.version)]
+        return model.model_validate(self.data)
+
+
+class EventPayload(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    event_type: ClassVar[str]
+    event_version: ClassVar[int] = 1
+
+
+REGISTRY: dict[tuple[str, int], type[EventPayload]] = {}
+
+
+def register(model: type[EventPayload]) -> type[EventPayload]:
+    key = (model.event_type, model.event_version)
+    if key in REGISTRY:
+        raise ValueError(f"event {key} registered twice")
+    REGISTRY[key] = model
+    return model
+
+
+class FirmProfile(EventPayload):
+    firm_id: str
+    name: str
+    region: str
+    city: str
+    actor_type: ActorType
+    industries: list[str]
+
+
+@register
+class FirmRegisteredV1(FirmProfile):
+    event_type = "firm.registered"
+
+
+@register
+class FirmUpdatedV1(FirmProfile):
+    event_type = "firm.updated"
+
+
+@register
+class FirmMemberAddedV1(EventPayload):
+    event_type = "firm.member_added"
+    firm_id: str
+    user_id: str
+    role: FirmRole
+
+
+@register
+class FirmMemberRoleChangedV1(EventPayload):
+    event_type = "firm.member_role_changed"
+    firm_id: str
+    user_id: str
+    role: FirmRole
+
+
+@register
+class FirmMemberRemovedV1(EventPayload):
+    event_type = "firm.member_removed"
+    firm_id: str
+    user_id: str
+
+
+@register
+class ClusterCreatedV1(EventPayload):
+    event_type = "cluster.created"
+    cluster_id: str
+    name: str
+    core_region: str
+    focus_industries: list[str]
+    operator_firm_id: str
+
+
+class ClusterMembership(EventPayload):
+    cluster_id: str
+    firm_id: str
+    region: str
+    city: str
+    actor_type: ActorType
+    industries: list[str]
+
+
+@register
+class ClusterMemberJoinedV1(ClusterMembership):
+    event_type = "cluster.member_joined"
+    park_id: str | None = None
+
+
+@register
+class ClusterMemberLeftV1(ClusterMembership):
+    event_type = "cluster.member_left"
+    reason: Literal["left", "offboarded"] = "left"
+
+
+@register
+class ParkUpdatedV1(EventPayload):
+    event_type = "park.updated"
+    cluster_id: str
+    park_id: str
+    name: str
+    region: str
+    city: str
+    capacity: int
+    located_firm_ids: list[str]
+
+
+@register
+class UserDeactivatedV1(EventPayload):
+    event_type = "user.deactivated"
+    user_id: str

@@ -1,0 +1,215 @@
+"""Transactional outbox, its relay, and idempotent consumption.
+
+A domain function calls :func:`emit` inside the request's transaction: the event is a row
+in the service's ``outbox`` table, so it exists exactly when the change commits. The
+:class:`OutboxRelay` publishes unsent rows to the bus and marks them sent; a commit wakes
+it, and a poll catches anything a wake missed (or that a crashed replica left). Several
+replicas may relay at once: on PostgreSQL rows are taken with ``FOR UPDATE SKIP LOCKED``.
+Delivery is at least once; consumers deduplicate with :func:`consume_once`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import JSON, Field, SQLModel
+
+from api.events import Envelope, EventPayload
+from services.kit.bus import Bus
+from services.kit.db import Database, UTCDateTime, utcnow
+from services.kit.ids import new_id
+from services.kit.telemetry import OUTBOX_BACKLOG, OUTBOX_PUBLISHED
+
+log = logging.getLogger("onecluster.outbox")
+MAX_ATTEMPTS = 20
+
+
+class OutboxFields(SQLModel):
+    """Columns of every service's ``outbox`` table."""
+
+    id: str = Field(primary_key=True, max_length=40)
+    type: str = Field(max_length=80)
+    version: int = 1
+    occurred_at: datetime = Field(sa_type=UTCDateTime)
+    data: dict[str, Any] = Field(sa_type=JSON)
+    published_at: datetime | None = Field(default=None, index=True, sa_type=UTCDateTime)
+    attempts: int = 0
+    last_error: str | None = Field(default=None, max_length=500)
+
+
+class ProcessedEventFields(SQLModel):
+    """Columns of every consuming service's ``processed_events`` table."""
+
+    consumer: str = Field(primary_key=True, max_length=80)
+    event_id: str = Field(primary_key=True, max_length=40)
+    handled_at: datetime = Field(sa_type=UTCDateTime)
+
+
+def emit(session: AsyncSession, model: type[OutboxFields], payload: EventPayload) -> str:
+    """Add ``payload`` to the outbox in the session's transaction; returns the event id."""
+    event_id = new_id("evt")
+    session.add(
+        model(
+            id=event_id,
+            type=payload.event_type,
+            version=payload.event_version,
+            occurred_at=utcnow(),
+            data=payload.model_dump(mode="json"),
+        )
+    )
+    session.info["outbox_dirty"] = True
+    return event_id
+
+
+class OutboxRelay:
+    """Moves committed outbox rows onto the bus."""
+
+    def __init__(
+        self,
+        db: Database,
+        model: type[OutboxFields],
+        bus: Bus,
+        *,
+        source: str,
+        poll_interval: float = 1.0,
+        batch_size: int = 200,
+    ) -> None:
+        self.db = db
+        self.model = model
+        self.bus = bus
+        self.source = source
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        db.after_commit.append(self._after_commit)
+
+    def _after_commit(self, session: Any) -> None:
+        if session.info.pop("outbox_dirty", False):
+            self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"outbox-relay:{self.source}")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        # A last pass so that what was committed before shutdown is not left waiting.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.drain_once(), timeout=2)
+
+    async def _run(self) -> None:
+        backoff = self.poll_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=backoff)
+            self._wake.clear()
+            try:
+                while await self.drain_once() == self.batch_size:
+                    pass
+                backoff = self.poll_interval
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox relay %s: %s", self.source, exc)
+                backoff = min(max(backoff * 2, 0.2), 10.0)
+
+    async def drain_once(self) -> int:
+        """Publish one batch of unsent events; returns how many rows it handled."""
+        model = self.model
+        published = 0
+        failed = False
+        async with self.db.session_scope() as session:
+            query = (
+                sa.select(model)
+                .where(model.published_at.is_(None))  # type: ignore[union-attr]
+                .order_by(model.id)  # type: ignore[arg-type]
+                .limit(self.batch_size)
+            )
+            if self.db.postgres:
+                query = query.with_for_update(skip_locked=True)
+            rows = (await session.execute(query)).scalars().all()
+            for row in rows:
+                envelope = Envelope(
+                    id=row.id,
+                    type=row.type,
+                    version=row.version,
+                    source=self.source,
+                    occurred_at=row.occurred_at,
+                    data=row.data,
+                )
+                try:
+                    await self.bus.publish(envelope)
+                except Exception as exc:
+                    row.attempts += 1
+                    row.last_error = str(exc)[:500]
+                    if row.attempts >= MAX_ATTEMPTS:
+                        log.error("giving up on event %s after %d attempts", row.id, row.attempts)
+                        row.published_at = utcnow()
+                    failed = True
+                    break
+                row.published_at = utcnow()
+                published += 1
+            OUTBOX_PUBLISHED.labels(self.source).inc(published)
+        if failed:
+            raise RuntimeError(f"publishing stopped after {published} events")
+        return len(rows)
+
+    async def backlog(self) -> tuple[int, float]:
+        """Unsent events and the age in seconds of the oldest one."""
+        model = self.model
+        async with self.db.sessionmaker() as session:
+            count, oldest = (
+                await session.execute(
+                    sa.select(sa.func.count(), sa.func.min(model.occurred_at)).where(
+                        model.published_at.is_(None)  # type: ignore[union-attr]
+                    )
+                )
+            ).one()
+        age = 0.0
+        if oldest is not None:
+            if oldest.tzinfo is None:  # min() over SQLite text loses the type
+                oldest = datetime.fromisoformat(str(oldest)).replace(tzinfo=UTC)
+            age = (utcnow() - oldest).total_seconds()
+        OUTBOX_BACKLOG.labels(self.source).set(count)
+        return int(count), age
+
+
+async def consume_once(
+    db: Database,
+    model: type[ProcessedEventFields],
+    consumer: str,
+    envelope: Envelope,
+    apply: Callable[[AsyncSession, Envelope], Awaitable[None]],
+) -> bool:
+    """Apply ``envelope`` once per consumer; returns False when it was already handled.
+
+    The processed-event row and the consumer's changes commit together, so a crash
+    between them cannot record an event as handled without its effect (or the reverse).
+    """
+    try:
+        async with db.session_scope() as session:
+            seen = await session.get(model, (consumer, envelope.id))
+            if seen is not None:
+                return False
+            session.add(model(consumer=consumer, event_id=envelope.id, handled_at=utcnow()))
+            await session.flush()
+            await apply(session, envelope)
+    except IntegrityError:
+        return False  # a concurrent delivery of the same event won
+    return True

@@ -1,0 +1,55 @@
+"""Object-level access checks shared by membership's routes.
+
+A caller who is not a member of a firm gets 404 for it (never 403, which would reveal
+that it exists); a member whose role is too low gets 403.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.kit.auth import Principal
+from services.kit.errors import Forbidden, NotFound
+from services.membership.models import Firm, FirmMember
+
+ROLE_RANK = {"annotator": 0, "member": 1, "admin": 2, "owner": 3}
+ADMIN_ROLES = frozenset({"owner", "admin"})
+
+
+async def firm_role(session: AsyncSession, firm_id: str, principal: Principal) -> str | None:
+    """The caller's role in the firm, or None. A client acts as its firm's admin-less self."""
+    if principal.kind == "client":
+        return "client" if principal.firm_id == firm_id else None
+    return (
+        await session.execute(
+            sa.select(FirmMember.role).where(
+                FirmMember.firm_id == firm_id, FirmMember.user_id == principal.subject
+            )
+        )
+    ).scalar_one_or_none()
+
+
+async def require_firm(
+    session: AsyncSession,
+    firm_id: str,
+    principal: Principal,
+    roles: Collection[str] | None = None,
+    *,
+    lock: bool = False,
+) -> tuple[Firm, str]:
+    """The firm and the caller's role in it; 404 for outsiders, 403 for a too-low role."""
+    role = await firm_role(session, firm_id, principal)
+    if role is None:
+        raise NotFound("No firm with this id.")
+    query = sa.select(Firm).where(Firm.id == firm_id)
+    if lock:
+        query = query.with_for_update()
+    firm = (await session.execute(query)).scalar_one_or_none()
+    if firm is None:
+        raise NotFound("No firm with this id.")
+    if roles is not None and role not in roles:
+        raise Forbidden(f"Needs one of the firm roles: {', '.join(sorted(roles))}.")
+    return firm, role

@@ -1,0 +1,5 @@
+"""Integrator client routes (being built)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,5 @@
+"""Membership routes (being built)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()
