@@ -60,7 +60,16 @@ class FirmMember(MembershipBase, table=True):
     firm_id: str = Field(foreign_key="firms.id", max_length=40, index=True)
     user_id: str = Field(foreign_key="users.id", max_length=40, index=True)
     role: str = Field(max_length=16)
+    status: str = Field(default="active", max_length=16)  # active | deactivated
     created_at: datetime = _created()
+
+
+class FirmIndustry(MembershipBase, table=True):
+    """One row per (firm, industry code): lets member lists filter by industry in SQL."""
+
+    __tablename__ = "firm_industries"
+    firm_id: str = Field(foreign_key="firms.id", primary_key=True, max_length=40)
+    code: str = Field(primary_key=True, max_length=8, index=True)
 
 
 class FirmInvitation(MembershipBase, table=True):

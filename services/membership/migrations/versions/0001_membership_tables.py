@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 11:47:14.136860
+Create Date: 2026-11-26 11:51:04.371423
 """
 
 from collections.abc import Sequence
@@ -20,7 +20,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    
+
     op.create_table('access_tokens',
     sa.Column('jti', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
     sa.Column('client_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
@@ -174,6 +174,15 @@ def upgrade() -> None:
     with op.batch_alter_table('clusters', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_clusters_operator_firm_id'), ['operator_firm_id'], unique=False)
 
+    op.create_table('firm_industries',
+    sa.Column('firm_id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
+    sa.Column('code', sqlmodel.sql.sqltypes.AutoString(length=8), nullable=False),
+    sa.ForeignKeyConstraint(['firm_id'], ['firms.id'], ),
+    sa.PrimaryKeyConstraint('firm_id', 'code')
+    )
+    with op.batch_alter_table('firm_industries', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_firm_industries_code'), ['code'], unique=False)
+
     op.create_table('firm_invitations',
     sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
     sa.Column('firm_id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
@@ -198,6 +207,7 @@ def upgrade() -> None:
     sa.Column('firm_id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
     sa.Column('user_id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
     sa.Column('role', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+    sa.Column('status', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
     sa.Column('created_at', services.kit.db.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['firm_id'], ['firms.id'], ),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], ),
@@ -302,7 +312,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    
+
     with op.batch_alter_table('cluster_members', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_cluster_members_firm_id'))
         batch_op.drop_index(batch_op.f('ix_cluster_members_cluster_id'))
@@ -335,6 +345,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_firm_invitations_firm_id'))
 
     op.drop_table('firm_invitations')
+    with op.batch_alter_table('firm_industries', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_firm_industries_code'))
+
+    op.drop_table('firm_industries')
     with op.batch_alter_table('clusters', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_clusters_operator_firm_id'))
 
