@@ -1,0 +1,258 @@
+"""Tenant isolation and bad input, for every route in the route table.
+
+Two worlds, A and B, each with a cluster, firms, parks, invitations, join requests and
+an integrator client. Every ``/v1`` route of every service must have a case here (the
+test reads the gateway's route table, so a new route without a case fails):
+
+* called by A's operator with B's ids → 404 (never 403, which would reveal existence);
+* called with A's ids by a principal whose role is too low → 403;
+* called with no token or a garbage token → 401 with ``WWW-Authenticate``;
+* called with an unknown id → 404; with a malformed body → 400/422;
+
+and none of those calls changes any table (only ``denied``/``failed`` audit rows appear).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from tests.oauth_flow import bearer, login, sign_up
+
+FIRM = {"city": "C", "actor_type": "medium_enterprise", "industries": ["0301"]}
+
+
+@dataclass
+class Case:
+    body: dict[str, Any] | None = None
+    foreign: int | None = 404
+    lower: tuple[str, int] | None = None
+    lower_params: dict[str, str] = field(default_factory=dict)
+    public: bool = False
+    note: str = ""
+
+
+PUBLIC = {("POST", "/v1/users"), ("GET", "/v1/industries"), ("GET", "/v1/regions")}
+CLIENT = {"name": "ETL", "scope": "membership:read"}
+PARK = {"name": "Park", "region": "CN-BJ", "city": "Beijing", "capacity": 3}
+
+CASES: dict[tuple[str, str], Case] = {
+    ("GET", "/v1/users/me"): Case(foreign=None),
+    ("PATCH", "/v1/users/me"): Case(body={"display_name": "x"}, foreign=None),
+    ("POST", "/v1/users/me:deactivate"): Case(foreign=None, note="acts on the caller only"),
+    ("POST", "/v1/firms"): Case(body={"name": "F", "region": "CN-BJ", **FIRM}, foreign=None),
+    ("GET", "/v1/firms"): Case(foreign=None),
+    ("GET", "/v1/firms/{firm_id}"): Case(),
+    ("PATCH", "/v1/firms/{firm_id}"): Case(body={"name": "Renamed"}, lower=("a1x", 403)),
+    ("GET", "/v1/firms/{firm_id}/members"): Case(),
+    ("PATCH", "/v1/firms/{firm_id}/members/{user_id}"): Case(body={"role": "member"}, lower=("a1x", 403)),
+    ("DELETE", "/v1/firms/{firm_id}/members/{user_id}"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/firms/{firm_id}/members/{user_id}:deactivate"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/firms/{firm_id}/members/{user_id}:reactivate"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/firms/{firm_id}/invitations"): Case(body={"email": "n@x.example"}, lower=("a1x", 403)),
+    ("GET", "/v1/firms/{firm_id}/invitations"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/firms/{firm_id}/invitations/{invitation_id}:revoke"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/firms/{firm_id}/invitations/{invitation_id}:accept"): Case(
+        body={"token": "not-the-token-of-this-invitation"}, note="the token is the credential"
+    ),
+    ("GET", "/v1/firms/{firm_id}/audit-events"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/firms/{firm_id}/clients"): Case(body=CLIENT, lower=("a1x", 403)),
+    ("GET", "/v1/firms/{firm_id}/clients"): Case(lower=("a1x", 403)),
+    ("GET", "/v1/firms/{firm_id}/clients/{client_id}"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/firms/{firm_id}/clients/{client_id}:rotate-secret"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/firms/{firm_id}/clients/{client_id}:disable"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/clusters"): Case(body={"name": "X", "core_region": "CN-BJ"}, foreign=None, lower=("a1x", 403)),
+    ("GET", "/v1/clusters"): Case(foreign=None),
+    ("GET", "/v1/clusters/{cluster_id}"): Case(foreign=200, note="the directory entry is public"),
+    ("PATCH", "/v1/clusters/{cluster_id}"): Case(body={"name": "Y"}, lower=("a2", 403)),
+    ("POST", "/v1/clusters/{cluster_id}/join-requests"): Case(
+        body={}, foreign=None, note="applying to another tenant's cluster is the feature"
+    ),
+    ("GET", "/v1/clusters/{cluster_id}/join-requests"): Case(),
+    ("POST", "/v1/clusters/{cluster_id}/join-requests/{request_id}:approve"): Case(lower=("a2", 403)),
+    ("POST", "/v1/clusters/{cluster_id}/join-requests/{request_id}:reject"): Case(
+        body={"reason": "no"}, lower=("a2", 403)
+    ),
+    ("POST", "/v1/clusters/{cluster_id}/join-requests/{request_id}:withdraw"): Case(lower=("a2", 404)),
+    ("POST", "/v1/clusters/{cluster_id}/invitations"): Case(body={"firm_id": "{free_firm}"}, lower=("a2", 403)),
+    ("GET", "/v1/clusters/{cluster_id}/invitations"): Case(),
+    ("POST", "/v1/clusters/{cluster_id}/invitations/{invitation_id}:accept"): Case(lower=("a2", 404)),
+    ("POST", "/v1/clusters/{cluster_id}/invitations/{invitation_id}:decline"): Case(lower=("a2", 404)),
+    ("POST", "/v1/clusters/{cluster_id}/invitations/{invitation_id}:revoke"): Case(lower=("a2", 403)),
+    ("GET", "/v1/clusters/{cluster_id}/members"): Case(),
+    ("GET", "/v1/clusters/{cluster_id}/members/{firm_id}"): Case(),
+    ("PATCH", "/v1/clusters/{cluster_id}/members/{firm_id}"): Case(
+        body={"park_id": None}, lower=("a2", 403), lower_params={"firm_id": "fa1"}
+    ),
+    ("DELETE", "/v1/clusters/{cluster_id}/members/{firm_id}"): Case(
+        lower=("a2", 403), lower_params={"firm_id": "fa1"}
+    ),
+    ("POST", "/v1/clusters/{cluster_id}/parks"): Case(body=PARK, lower=("a2", 403)),
+    ("GET", "/v1/clusters/{cluster_id}/parks"): Case(),
+    ("GET", "/v1/clusters/{cluster_id}/parks/{park_id}"): Case(),
+    ("PATCH", "/v1/clusters/{cluster_id}/parks/{park_id}"): Case(body={"capacity": 9}, lower=("a2", 403)),
+    ("GET", "/v1/clusters/{cluster_id}/audit-events"): Case(lower=("a2", 403)),
+}
+
+
+async def _firm(client: httpx.AsyncClient, email: str, name: str, region: str) -> tuple[str, dict]:
+    await sign_up(client, email)
+    tokens = await login(client, email)
+    firm = await client.post("/v1/firms", json={"name": name, "region": region, **FIRM}, headers=bearer(tokens))
+    assert firm.status_code == 201, firm.text
+    return firm.json()["id"], await login(client, email, firm_id=firm.json()["id"])
+
+
+async def build_world(client: httpx.AsyncClient, tag: str) -> dict[str, Any]:
+    """A cluster run by fa1 (owner a1, annotator a1x), member fa2 (owner a2), applicant fa3."""
+    w: dict[str, Any] = {}
+    w["fa1"], w["a1"] = await _firm(client, f"a1@{tag}.example", f"{tag}-1", "CN-BJ")
+    w["fa2"], w["a2"] = await _firm(client, f"a2@{tag}.example", f"{tag}-2", "CN-SX")
+    w["fa3"], w["a3"] = await _firm(client, f"a3@{tag}.example", f"{tag}-3", "CN-HE")
+    w["free_firm"], _ = await _firm(client, f"a4@{tag}.example", f"{tag}-4", "CN-NM")
+    a1 = bearer(w["a1"])
+    cluster = await client.post("/v1/clusters", json={"name": tag, "core_region": "CN-BJ"}, headers=a1)
+    w["cluster_id"] = cluster.json()["id"]
+    cid = w["cluster_id"]
+    inv = await client.post(f"/v1/clusters/{cid}/invitations", json={"firm_id": w["fa2"]}, headers=a1)
+    await client.post(f"/v1/clusters/{cid}/invitations/{inv.json()['id']}:accept", headers=bearer(w["a2"]))
+    jr = await client.post(f"/v1/clusters/{cid}/join-requests", json={}, headers=bearer(w["a3"]))
+    w["request_id"] = jr.json()["id"]
+    cinv = await client.post(f"/v1/clusters/{cid}/invitations", json={"firm_id": w["fa3"]}, headers=a1)
+    w["cluster_invitation_id"] = cinv.json()["id"]
+    park = await client.post(f"/v1/clusters/{cid}/parks", json=PARK, headers=a1)
+    w["park_id"] = park.json()["id"]
+    finv = await client.post(
+        f"/v1/firms/{w['fa1']}/invitations", json={"email": f"a1x@{tag}.example", "role": "annotator"}, headers=a1
+    )
+    await sign_up(client, f"a1x@{tag}.example")
+    a1x = await login(client, f"a1x@{tag}.example")
+    accepted = await client.post(
+        f"/v1/firms/{w['fa1']}/invitations/{finv.json()['id']}:accept",
+        json={"token": finv.json()["token"]},
+        headers=bearer(a1x),
+    )
+    assert accepted.status_code == 200, accepted.text
+    w["a1x"] = await login(client, f"a1x@{tag}.example", firm_id=w["fa1"])
+    w["annotator_id"] = accepted.json()["user_id"]
+    pending = await client.post(
+        f"/v1/firms/{w['fa1']}/invitations", json={"email": f"later@{tag}.example"}, headers=a1
+    )
+    w["firm_invitation_id"] = pending.json()["id"]
+    created = await client.post(f"/v1/firms/{w['fa1']}/clients", json=CLIENT, headers=a1)
+    assert created.status_code == 201, created.text
+    w["client_id"] = created.json()["client_id"]
+    me = await client.get("/v1/users/me", headers=a1)
+    w["a1_id"] = me.json()["id"]
+    return w
+
+
+def fill(path: str, w: dict[str, Any], overrides: dict[str, str] | None = None) -> str:
+    params = {
+        "firm_id": w["fa1"],
+        "user_id": w["annotator_id"] if "/firms/" in path else w["a1_id"],
+        "cluster_id": w["cluster_id"],
+        "request_id": w["request_id"],
+        "invitation_id": w["cluster_invitation_id"] if "/clusters/" in path else w["firm_invitation_id"],
+        "park_id": w["park_id"],
+        "client_id": w["client_id"],
+    }
+    if path.startswith("/v1/firms/{firm_id}/members/{user_id}"):
+        params["user_id"] = w["a1_id"]  # the owner: an annotator may not touch it
+    for key, ref in (overrides or {}).items():
+        params[key] = w[ref]
+    out = path
+    for key, value in params.items():
+        out = out.replace("{" + key + "}", value)
+    return out
+
+
+def body_for(case: Case, w: dict[str, Any]) -> dict[str, Any] | None:
+    if case.body is None:
+        return None
+    return {k: (w[v[1:-1]] if isinstance(v, str) and v.startswith("{") else v) for k, v in case.body.items()}
+
+
+async def snapshot(gateway: Any) -> dict[str, set[tuple[Any, ...]]]:
+    """Every membership row, except logs that refused calls may append to."""
+    from services.membership.models import metadata
+
+    skip = {"audit_events", "idempotency_keys"}
+    out: dict[str, set[tuple[Any, ...]]] = {}
+    async with gateway.apps["membership"].state.db.sessionmaker() as session:
+        for name, table in metadata.tables.items():
+            if name in skip:
+                continue
+            rows = (await session.execute(sa.select(table))).all()
+            out[name] = {tuple(str(v) for v in row) for row in rows}
+        audit = (await session.execute(sa.text("SELECT count(*) FROM audit_events WHERE outcome = 'success'"))).scalar()
+        out["audit_success"] = {(audit,)}
+    return out
+
+
+def v1_routes(gateway: Any) -> set[tuple[str, str]]:
+    """Every ``/v1`` operation of every service, read from the merged route table."""
+    found = set()
+    for path, item in gateway.openapi()["paths"].items():
+        if path.startswith("/v1/"):
+            found.update((method.upper(), path) for method in item)
+    assert found, "no /v1 routes found"
+    return found
+
+
+@pytest.mark.slow
+async def test_every_route_isolates_tenants_and_refuses_bad_input(client: httpx.AsyncClient, gateway: Any) -> None:
+    routes = v1_routes(gateway)
+    missing = routes - set(CASES) - PUBLIC
+    assert not missing, f"routes without an isolation case: {sorted(missing)}"
+    stale = set(CASES) - routes
+    assert not stale, f"cases for routes that no longer exist: {sorted(stale)}"
+
+    a = await build_world(client, "alpha")
+    b = await build_world(client, "beta")
+    before = await snapshot(gateway)
+    failures: list[str] = []
+
+    async def call(method: str, url: str, token: dict | None, body: Any) -> httpx.Response:
+        headers = bearer(token) if token else {}
+        return await client.request(method, url, headers=headers, json=body)
+
+    for (method, path), case in sorted(CASES.items()):
+        body = body_for(case, a)
+        if case.foreign is not None:
+            foreign_body = body_for(case, b) if case.body else None
+            response = await call(method, fill(path, b), a["a1"], foreign_body)
+            if response.status_code != case.foreign:
+                failures.append(f"foreign {method} {path}: {response.status_code} {response.text[:200]}")
+            if "{" in path:
+                unknown = path
+                for name in ("firm_id", "user_id", "cluster_id", "request_id", "invitation_id", "park_id", "client_id"):
+                    unknown = unknown.replace("{" + name + "}", "zzz_00000000000000000000000000")
+                response = await call(method, unknown, a["a1"], body)
+                if response.status_code != 404:
+                    failures.append(f"unknown id {method} {path}: {response.status_code}")
+        if case.lower is not None:
+            who, expected = case.lower
+            response = await call(method, fill(path, a, case.lower_params), a[who], body)
+            if response.status_code != expected:
+                failures.append(f"lower role {method} {path}: {response.status_code} {response.text[:200]}")
+        for token in (None, {"access_token": "garbage.token.here"}):
+            response = await call(method, fill(path, a), token, body)
+            if response.status_code != 401 or "www-authenticate" not in response.headers:
+                failures.append(f"bad token {method} {path}: {response.status_code}")
+        if case.body is not None:
+            malformed = await client.request(
+                method, fill(path, a), headers={**bearer(a["a1"]), "content-type": "application/json"}, content=b"{nope"
+            )
+            extra = await call(method, fill(path, a), a["a1"], {**(body or {}), "firm_id_override": "x"})
+            for response in (malformed, extra):
+                if response.status_code not in (400, 422):
+                    failures.append(f"bad body {method} {path}: {response.status_code}")
+    assert not failures, "\n".join(failures)
+    after = await snapshot(gateway)
+    changed = {name for name in before if before[name] != after[name]}
+    assert not changed, f"refused calls changed: {sorted(changed)}"
