@@ -326,3 +326,32 @@ async def test_firm_selection(client: httpx.AsyncClient, gateway: Gateway) -> No
     gained = await refresh(client, first["refresh_token"])
     assert gained.status_code == 200
     assert await _firm_claim(gained.json()) == firm_a["id"]
+
+
+async def test_malformed_parameters_are_400_never_500(client: httpx.AsyncClient) -> None:
+    for overrides in (
+        {"response_type": 'co"de'},
+        {"redirect_uri": 'http://testserver/cb"'},
+        {"redirect_uri": "http://testserver/cbé"},
+        {"client_id": 'on"e\\web'},
+        {"state": "caf\u00e9"},
+        {"scope": "openid\nemail"},
+    ):
+        response = await client.get("/oauth/authorize", params=_authorize_params(**overrides))
+        assert response.status_code == 400, (overrides, response.text)
+        assert "location" not in response.headers
+    for body in (
+        'grant_type=client_credentials&x"=1&x"=2',
+        "grant_type=pa%22ss",
+        "grant_type=refresh_token&refresh_token=%C3%A9&client_id=onecluster-web",
+    ):
+        response = await client.post(
+            "/oauth/token",
+            content=body,
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"] in ("invalid_request", "unsupported_grant_type")
+    as_json = await client.post("/oauth/token", json={"grant_type": "client_credentials"})
+    assert as_json.status_code == 400
+    assert as_json.json()["error"] == "invalid_request"

@@ -254,3 +254,22 @@ def test_rotate_creates_the_database_when_missing(tmp_path: Path) -> None:
     second = rotate_signing_key(settings)
     assert first != second
     assert (tmp_path / "fresh" / "membership.sqlite3").exists()
+
+
+def test_sync_key_store_api(tmp_path: Path) -> None:
+    from services.kit.db import Database
+    from services.membership.keys import MIGRATIONS_DIR
+
+    settings = Settings(env="test", data_dir=tmp_path)
+    db = Database(settings.database_url_for("membership"), schema="membership")
+    db.migrate_sync(MIGRATIONS_DIR)
+    try:
+        keys = KeyStore(db, settings)
+        kid = keys.ensure_active_key_sync()
+        assert keys.ensure_active_key_sync() == kid  # one active key, not one per call
+        signing_kid, private = keys.signing_key_sync()
+        assert signing_kid == kid and private.is_private
+        assert [k["kid"] for k in keys.public_jwks_sync()["keys"]] == [kid]
+        assert [k.kid for k in keys.verification_key_set_sync().keys] == [kid]
+    finally:
+        db.sync_engine.dispose()

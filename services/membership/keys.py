@@ -17,6 +17,7 @@ runs in a worker thread) read the same cache.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass
@@ -114,6 +115,7 @@ class KeyStore:
         self.reload_interval = reload_interval
         self._snapshot: _Snapshot | None = None
         self._lock = threading.Lock()
+        self._async_lock = asyncio.Lock()
 
     # -- cache ------------------------------------------------------------------------
     def _fresh(self, max_age: float | None) -> _Snapshot | None:
@@ -151,7 +153,11 @@ class KeyStore:
         return snap
 
     async def _current(self, max_age: float | None = None) -> _Snapshot:
-        return self._fresh(max_age) or await self.reload()
+        snap = self._fresh(max_age)
+        if snap is not None:
+            return snap
+        async with self._async_lock:  # one reload when many requests find the cache stale
+            return self._fresh(max_age) or await self.reload()
 
     async def public_jwks(self, max_age: float | None = None) -> dict[str, Any]:
         """The JWKS: the signing key plus retired keys still inside ``drop_after``."""
@@ -171,6 +177,17 @@ class KeyStore:
             )
 
     # -- sync API (worker threads) ------------------------------------------------------
+    def ensure_active_key_sync(self) -> str:
+        """:meth:`ensure_active_key` for code that runs outside the event loop."""
+        with self.db.sync_session_scope() as session:
+            if self.db.postgres:
+                session.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _KEY_LOCK_ID})
+            row = session.execute(_active_query().limit(1)).scalars().first()
+            kid = row.kid if row is not None else _insert_key_sync(session)
+        self.invalidate()
+        self.reload_sync()
+        return kid
+
     def reload_sync(self) -> _Snapshot:
         with self._lock:
             snap = self._fresh(None)

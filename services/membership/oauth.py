@@ -39,6 +39,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
@@ -319,6 +320,28 @@ class TokenRecord:
 
 
 # -- requests and responses -----------------------------------------------------------------
+_VSCHAR = re.compile(r"^[\x20-\x7e]*$")
+_RESPONSE_TYPE = re.compile(r"^[A-Za-z0-9_ ]*$")
+
+
+def check_parameters(items: Sequence[tuple[str, str]]) -> None:
+    """Refuse values RFC 6749 (Appendix A) does not allow, before Authlib sees them.
+
+    Every parameter we accept is printable ASCII (VSCHAR); ``response_type`` is letters,
+    digits and ``_``; a ``redirect_uri`` is a URI, so it has no ``"`` or backslash.
+    Besides being right, this matters because Authlib copies ``response_type`` and
+    ``redirect_uri`` into error descriptions and raises a plain ``ValueError`` (a 500)
+    when a description would contain such characters. Names and values are not echoed.
+    """
+    for name, value in items:
+        if len(value) > MAX_PARAM_LENGTH * 4 or not _VSCHAR.match(name) or not _VSCHAR.match(value):
+            raise InvalidRequestError("Parameters must be printable ASCII (RFC 6749 Appendix A).")
+        if name == "response_type" and not _RESPONSE_TYPE.match(value):
+            raise InvalidRequestError("Invalid 'response_type'.")
+        if name == "redirect_uri" and ('"' in value or "\\" in value):
+            raise InvalidRequestError("Invalid 'redirect_uri'.")
+
+
 class _Payload(OAuth2Payload):
     def __init__(self, items: Sequence[tuple[str, str]]) -> None:
         self._datalist: dict[str, list[str]] = {}
@@ -864,9 +887,12 @@ class OAuthServer(AuthorizationServer):
         *,
         is_form: bool,
     ) -> OAuthRequest:
-        """An Authlib request; raises InsecureTransportError for http outside development."""
+        """An Authlib request; raises InsecureTransportError for http outside development
+        and InvalidRequestError for parameters outside RFC 6749's syntax (see
+        :func:`check_parameters`)."""
         if not self.settings.insecure_transport_allowed and not is_secure_transport(uri):
             raise InsecureTransportError()
+        check_parameters(items)
         return OAuthRequest(method, uri, headers, items, is_form=is_form)
 
     # -- Authlib hooks -----------------------------------------------------------------------

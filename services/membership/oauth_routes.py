@@ -31,7 +31,6 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from authlib.oauth2.rfc6749 import (
     AccessDeniedError,
-    InsecureTransportError,
     InvalidRequestError,
     OAuth2Error,
 )
@@ -92,6 +91,7 @@ AUTHORIZE_PARAMS = (
 )
 CSRF_COOKIE = "oc_login"
 CSRF_MAX_AGE = 3600
+_PARAM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # safe to echo in error_description
 _BROWSER_ID = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
 INSUFFICIENT_OPENID = 'Bearer realm="onecluster", error="insufficient_scope", scope="openid"'
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -317,7 +317,8 @@ def _no_duplicates(items: list[tuple[str, str]]) -> None:
     seen: set[str] = set()
     for key, _ in items:
         if key in seen:
-            raise InvalidRequestError(f"Multiple '{key}' in request.")
+            named = f"'{key}'" if _PARAM_NAME.match(key) else "parameters"
+            raise InvalidRequestError(f"Multiple {named} in request.")
         seen.add(key)
 
 
@@ -440,8 +441,8 @@ async def _validated(
     server = _server(request)
     try:
         oreq = server.build_request(method, str(request.url), request.headers, items, is_form=False)
-    except InsecureTransportError as insecure:
-        return None, None, _authorize_error(insecure)
+    except OAuth2Error as refused:  # insecure transport, malformed parameters
+        return None, None, _authorize_error(refused)
     (grant, error), _ = await run_in_threadpool(server.run, _consent, server, oreq)
     if error is not None:
         return None, None, _authorize_error(error)
@@ -647,8 +648,8 @@ async def _token_endpoint(request: Request, run: Any) -> Response:
     server = _server(request)
     try:
         items = await _read_form(request)
-        _no_duplicates(items)
         oreq = server.build_request("POST", str(request.url), request.headers, items, is_form=True)
+        _no_duplicates(items)
     except OAuth2Error as error:
         return _oauth_error(error)
     result, fx = await run_in_threadpool(server.run, run, oreq)
@@ -839,7 +840,6 @@ def server_metadata(settings: Settings) -> dict[str, Any]:
 
 
 _METADATA_DOC: dict[str, Any] = {
-    "tags": ["oauth"],
     "response_model": ServerMetadata,
     "responses": {200: {"description": "The server's metadata"}},
 }
