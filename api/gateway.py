@@ -42,7 +42,9 @@ class Gateway:
         self.runtime = Runtime(settings)
         factories = service_factories()
         names = services or list(factories)
-        self.apps: dict[str, FastAPI] = {name: factories[name](settings, self.runtime) for name in names}
+        self.apps: dict[str, FastAPI] = {
+            name: factories[name](settings, self.runtime) for name in names
+        }
         self._openapi: dict[str, Any] | None = None
 
     # -- lifespan -----------------------------------------------------------------------

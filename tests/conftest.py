@@ -114,7 +114,9 @@ def redis_prefix() -> Iterator[str]:
         client.close()
 
 
-def make_settings(tmp_path: Path, database_url: str | None, redis_prefix: str, **overrides: Any) -> Settings:
+def make_settings(
+    tmp_path: Path, database_url: str | None, redis_prefix: str, **overrides: Any
+) -> Settings:
     values: dict[str, Any] = {
         "env": "test",
         "data_dir": tmp_path / "var",

@@ -33,7 +33,16 @@ def served(tmp_path: Path, database_url: str | None, redis_prefix: str) -> Itera
     if os.environ.get("ONECLUSTER_TEST_REDIS_URL"):
         env["ONECLUSTER_REDIS_URL"] = os.environ["ONECLUSTER_TEST_REDIS_URL"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path / "var")],
+        [
+            sys.executable,
+            "-m",
+            "api.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "var"),
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

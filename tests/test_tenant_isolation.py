@@ -49,11 +49,15 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/firms/{firm_id}"): Case(),
     ("PATCH", "/v1/firms/{firm_id}"): Case(body={"name": "Renamed"}, lower=("a1x", 403)),
     ("GET", "/v1/firms/{firm_id}/members"): Case(),
-    ("PATCH", "/v1/firms/{firm_id}/members/{user_id}"): Case(body={"role": "member"}, lower=("a1x", 403)),
+    ("PATCH", "/v1/firms/{firm_id}/members/{user_id}"): Case(
+        body={"role": "member"}, lower=("a1x", 403)
+    ),
     ("DELETE", "/v1/firms/{firm_id}/members/{user_id}"): Case(lower=("a1x", 403)),
     ("POST", "/v1/firms/{firm_id}/members/{user_id}:deactivate"): Case(lower=("a1x", 403)),
     ("POST", "/v1/firms/{firm_id}/members/{user_id}:reactivate"): Case(lower=("a1x", 403)),
-    ("POST", "/v1/firms/{firm_id}/invitations"): Case(body={"email": "n@x.example"}, lower=("a1x", 403)),
+    ("POST", "/v1/firms/{firm_id}/invitations"): Case(
+        body={"email": "n@x.example"}, lower=("a1x", 403)
+    ),
     ("GET", "/v1/firms/{firm_id}/invitations"): Case(lower=("a1x", 403)),
     ("POST", "/v1/firms/{firm_id}/invitations/{invitation_id}:revoke"): Case(lower=("a1x", 403)),
     ("POST", "/v1/firms/{firm_id}/invitations/{invitation_id}:accept"): Case(
@@ -65,7 +69,9 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/firms/{firm_id}/clients/{client_id}"): Case(lower=("a1x", 403)),
     ("POST", "/v1/firms/{firm_id}/clients/{client_id}:rotate-secret"): Case(lower=("a1x", 403)),
     ("POST", "/v1/firms/{firm_id}/clients/{client_id}:disable"): Case(lower=("a1x", 403)),
-    ("POST", "/v1/clusters"): Case(body={"name": "X", "core_region": "CN-BJ"}, foreign=None, lower=("a1x", 403)),
+    ("POST", "/v1/clusters"): Case(
+        body={"name": "X", "core_region": "CN-BJ"}, foreign=None, lower=("a1x", 403)
+    ),
     ("GET", "/v1/clusters"): Case(foreign=None),
     ("GET", "/v1/clusters/{cluster_id}"): Case(foreign=200, note="the directory entry is public"),
     ("PATCH", "/v1/clusters/{cluster_id}"): Case(body={"name": "Y"}, lower=("a2", 403)),
@@ -73,16 +79,28 @@ CASES: dict[tuple[str, str], Case] = {
         body={}, foreign=None, note="applying to another tenant's cluster is the feature"
     ),
     ("GET", "/v1/clusters/{cluster_id}/join-requests"): Case(),
-    ("POST", "/v1/clusters/{cluster_id}/join-requests/{request_id}:approve"): Case(lower=("a2", 403)),
+    ("POST", "/v1/clusters/{cluster_id}/join-requests/{request_id}:approve"): Case(
+        lower=("a2", 403)
+    ),
     ("POST", "/v1/clusters/{cluster_id}/join-requests/{request_id}:reject"): Case(
         body={"reason": "no"}, lower=("a2", 403)
     ),
-    ("POST", "/v1/clusters/{cluster_id}/join-requests/{request_id}:withdraw"): Case(lower=("a2", 404)),
-    ("POST", "/v1/clusters/{cluster_id}/invitations"): Case(body={"firm_id": "{free_firm}"}, lower=("a2", 403)),
+    ("POST", "/v1/clusters/{cluster_id}/join-requests/{request_id}:withdraw"): Case(
+        lower=("a2", 404)
+    ),
+    ("POST", "/v1/clusters/{cluster_id}/invitations"): Case(
+        body={"firm_id": "{free_firm}"}, lower=("a2", 403)
+    ),
     ("GET", "/v1/clusters/{cluster_id}/invitations"): Case(),
-    ("POST", "/v1/clusters/{cluster_id}/invitations/{invitation_id}:accept"): Case(lower=("a2", 404)),
-    ("POST", "/v1/clusters/{cluster_id}/invitations/{invitation_id}:decline"): Case(lower=("a2", 404)),
-    ("POST", "/v1/clusters/{cluster_id}/invitations/{invitation_id}:revoke"): Case(lower=("a2", 403)),
+    ("POST", "/v1/clusters/{cluster_id}/invitations/{invitation_id}:accept"): Case(
+        lower=("a2", 404)
+    ),
+    ("POST", "/v1/clusters/{cluster_id}/invitations/{invitation_id}:decline"): Case(
+        lower=("a2", 404)
+    ),
+    ("POST", "/v1/clusters/{cluster_id}/invitations/{invitation_id}:revoke"): Case(
+        lower=("a2", 403)
+    ),
     ("GET", "/v1/clusters/{cluster_id}/members"): Case(),
     ("GET", "/v1/clusters/{cluster_id}/members/{firm_id}"): Case(),
     ("PATCH", "/v1/clusters/{cluster_id}/members/{firm_id}"): Case(
@@ -94,7 +112,9 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/v1/clusters/{cluster_id}/parks"): Case(body=PARK, lower=("a2", 403)),
     ("GET", "/v1/clusters/{cluster_id}/parks"): Case(),
     ("GET", "/v1/clusters/{cluster_id}/parks/{park_id}"): Case(),
-    ("PATCH", "/v1/clusters/{cluster_id}/parks/{park_id}"): Case(body={"capacity": 9}, lower=("a2", 403)),
+    ("PATCH", "/v1/clusters/{cluster_id}/parks/{park_id}"): Case(
+        body={"capacity": 9}, lower=("a2", 403)
+    ),
     ("GET", "/v1/clusters/{cluster_id}/audit-events"): Case(lower=("a2", 403)),
 }
 
@@ -102,7 +122,9 @@ CASES: dict[tuple[str, str], Case] = {
 async def _firm(client: httpx.AsyncClient, email: str, name: str, region: str) -> tuple[str, dict]:
     await sign_up(client, email)
     tokens = await login(client, email)
-    firm = await client.post("/v1/firms", json={"name": name, "region": region, **FIRM}, headers=bearer(tokens))
+    firm = await client.post(
+        "/v1/firms", json={"name": name, "region": region, **FIRM}, headers=bearer(tokens)
+    )
     assert firm.status_code == 201, firm.text
     return firm.json()["id"], await login(client, email, firm_id=firm.json()["id"])
 
@@ -115,19 +137,29 @@ async def build_world(client: httpx.AsyncClient, tag: str) -> dict[str, Any]:
     w["fa3"], w["a3"] = await _firm(client, f"a3@{tag}.example", f"{tag}-3", "CN-HE")
     w["free_firm"], _ = await _firm(client, f"a4@{tag}.example", f"{tag}-4", "CN-NM")
     a1 = bearer(w["a1"])
-    cluster = await client.post("/v1/clusters", json={"name": tag, "core_region": "CN-BJ"}, headers=a1)
+    cluster = await client.post(
+        "/v1/clusters", json={"name": tag, "core_region": "CN-BJ"}, headers=a1
+    )
     w["cluster_id"] = cluster.json()["id"]
     cid = w["cluster_id"]
-    inv = await client.post(f"/v1/clusters/{cid}/invitations", json={"firm_id": w["fa2"]}, headers=a1)
-    await client.post(f"/v1/clusters/{cid}/invitations/{inv.json()['id']}:accept", headers=bearer(w["a2"]))
+    inv = await client.post(
+        f"/v1/clusters/{cid}/invitations", json={"firm_id": w["fa2"]}, headers=a1
+    )
+    await client.post(
+        f"/v1/clusters/{cid}/invitations/{inv.json()['id']}:accept", headers=bearer(w["a2"])
+    )
     jr = await client.post(f"/v1/clusters/{cid}/join-requests", json={}, headers=bearer(w["a3"]))
     w["request_id"] = jr.json()["id"]
-    cinv = await client.post(f"/v1/clusters/{cid}/invitations", json={"firm_id": w["fa3"]}, headers=a1)
+    cinv = await client.post(
+        f"/v1/clusters/{cid}/invitations", json={"firm_id": w["fa3"]}, headers=a1
+    )
     w["cluster_invitation_id"] = cinv.json()["id"]
     park = await client.post(f"/v1/clusters/{cid}/parks", json=PARK, headers=a1)
     w["park_id"] = park.json()["id"]
     finv = await client.post(
-        f"/v1/firms/{w['fa1']}/invitations", json={"email": f"a1x@{tag}.example", "role": "annotator"}, headers=a1
+        f"/v1/firms/{w['fa1']}/invitations",
+        json={"email": f"a1x@{tag}.example", "role": "annotator"},
+        headers=a1,
     )
     await sign_up(client, f"a1x@{tag}.example")
     a1x = await login(client, f"a1x@{tag}.example")
@@ -157,7 +189,9 @@ def fill(path: str, w: dict[str, Any], overrides: dict[str, str] | None = None) 
         "user_id": w["annotator_id"] if "/firms/" in path else w["a1_id"],
         "cluster_id": w["cluster_id"],
         "request_id": w["request_id"],
-        "invitation_id": w["cluster_invitation_id"] if "/clusters/" in path else w["firm_invitation_id"],
+        "invitation_id": w["cluster_invitation_id"]
+        if "/clusters/" in path
+        else w["firm_invitation_id"],
         "park_id": w["park_id"],
         "client_id": w["client_id"],
     }
@@ -174,7 +208,10 @@ def fill(path: str, w: dict[str, Any], overrides: dict[str, str] | None = None) 
 def body_for(case: Case, w: dict[str, Any]) -> dict[str, Any] | None:
     if case.body is None:
         return None
-    return {k: (w[v[1:-1]] if isinstance(v, str) and v.startswith("{") else v) for k, v in case.body.items()}
+    return {
+        k: (w[v[1:-1]] if isinstance(v, str) and v.startswith("{") else v)
+        for k, v in case.body.items()
+    }
 
 
 async def snapshot(gateway: Any) -> dict[str, set[tuple[Any, ...]]]:
@@ -189,7 +226,11 @@ async def snapshot(gateway: Any) -> dict[str, set[tuple[Any, ...]]]:
                 continue
             rows = (await session.execute(sa.select(table))).all()
             out[name] = {tuple(str(v) for v in row) for row in rows}
-        audit = (await session.execute(sa.text("SELECT count(*) FROM audit_events WHERE outcome = 'success'"))).scalar()
+        audit = (
+            await session.execute(
+                sa.text("SELECT count(*) FROM audit_events WHERE outcome = 'success'")
+            )
+        ).scalar()
         out["audit_success"] = {(audit,)}
     return out
 
@@ -205,7 +246,9 @@ def v1_routes(gateway: Any) -> set[tuple[str, str]]:
 
 
 @pytest.mark.slow
-async def test_every_route_isolates_tenants_and_refuses_bad_input(client: httpx.AsyncClient, gateway: Any) -> None:
+async def test_every_route_isolates_tenants_and_refuses_bad_input(
+    client: httpx.AsyncClient, gateway: Any
+) -> None:
     routes = v1_routes(gateway)
     missing = routes - set(CASES) - PUBLIC
     assert not missing, f"routes without an isolation case: {sorted(missing)}"
@@ -227,10 +270,20 @@ async def test_every_route_isolates_tenants_and_refuses_bad_input(client: httpx.
             foreign_body = body_for(case, b) if case.body else None
             response = await call(method, fill(path, b), a["a1"], foreign_body)
             if response.status_code != case.foreign:
-                failures.append(f"foreign {method} {path}: {response.status_code} {response.text[:200]}")
+                failures.append(
+                    f"foreign {method} {path}: {response.status_code} {response.text[:200]}"
+                )
             if "{" in path:
                 unknown = path
-                for name in ("firm_id", "user_id", "cluster_id", "request_id", "invitation_id", "park_id", "client_id"):
+                for name in (
+                    "firm_id",
+                    "user_id",
+                    "cluster_id",
+                    "request_id",
+                    "invitation_id",
+                    "park_id",
+                    "client_id",
+                ):
                     unknown = unknown.replace("{" + name + "}", "zzz_00000000000000000000000000")
                 response = await call(method, unknown, a["a1"], body)
                 if response.status_code != 404:
@@ -239,16 +292,23 @@ async def test_every_route_isolates_tenants_and_refuses_bad_input(client: httpx.
             who, expected = case.lower
             response = await call(method, fill(path, a, case.lower_params), a[who], body)
             if response.status_code != expected:
-                failures.append(f"lower role {method} {path}: {response.status_code} {response.text[:200]}")
+                failures.append(
+                    f"lower role {method} {path}: {response.status_code} {response.text[:200]}"
+                )
         for token in (None, {"access_token": "garbage.token.here"}):
             response = await call(method, fill(path, a), token, body)
             if response.status_code != 401 or "www-authenticate" not in response.headers:
                 failures.append(f"bad token {method} {path}: {response.status_code}")
         if case.body is not None:
             malformed = await client.request(
-                method, fill(path, a), headers={**bearer(a["a1"]), "content-type": "application/json"}, content=b"{nope"
+                method,
+                fill(path, a),
+                headers={**bearer(a["a1"]), "content-type": "application/json"},
+                content=b"{nope",
             )
-            extra = await call(method, fill(path, a), a["a1"], {**(body or {}), "firm_id_override": "x"})
+            extra = await call(
+                method, fill(path, a), a["a1"], {**(body or {}), "firm_id_override": "x"}
+            )
             for response in (malformed, extra):
                 if response.status_code not in (400, 422):
                     failures.append(f"bad body {method} {path}: {response.status_code}")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import select
 
 from services.kit.auth import Principal
 from services.kit.errors import Forbidden, NotFound
@@ -25,7 +25,7 @@ async def firm_role(session: AsyncSession, firm_id: str, principal: Principal) -
         return "client" if principal.firm_id == firm_id else None
     return (
         await session.execute(
-            sa.select(FirmMember.role).where(
+            select(FirmMember.role).where(
                 FirmMember.firm_id == firm_id, FirmMember.user_id == principal.subject
             )
         )
@@ -44,7 +44,7 @@ async def require_firm(
     role = await firm_role(session, firm_id, principal)
     if role is None:
         raise NotFound("No firm with this id.")
-    query = sa.select(Firm).where(Firm.id == firm_id)
+    query = select(Firm).where(Firm.id == firm_id)
     if lock:
         query = query.with_for_update()
     firm = (await session.execute(query)).scalar_one_or_none()

@@ -19,7 +19,7 @@ _DATA = Path(__file__).parent / "data" / "industries.json"
 
 @cache
 def industry_taxonomy() -> dict[str, Any]:
-    return json.loads(_DATA.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    return json.loads(_DATA.read_text(encoding="utf-8"))
 
 
 @cache
@@ -32,7 +32,7 @@ def industry_codes() -> frozenset[str]:
 
 
 def is_core_industry(code: str) -> bool:
-    """Whether a code belongs to the digital core (categories 01–04)."""
+    """Whether a code belongs to the digital core (categories 01 to 04)."""
     return code[:2] in industry_taxonomy()["core_categories"]
 
 

@@ -99,7 +99,7 @@ async def sign_up(body: SignUp, session: SessionDep) -> UserOut:
 async def _me(session: SessionDep, principal: Principal) -> Me:
     user = await service.get_active_user(session, principal)
     firms = [
-        MyFirm(firm_id=f.id, name=f.name, role=m.role, status=m.status)  # type: ignore[arg-type]
+        MyFirm(firm_id=f.id, name=f.name, role=m.role, status=m.status)
         for f, m in await service.my_firms(session, user.id)
     ]
     return Me(**user_out(user).model_dump(), firms=firms)
@@ -215,7 +215,7 @@ def member_out(member: FirmMember, user: User) -> FirmMemberOut:
         display_name=user.display_name,
         role=member.role,
         status=member.status,
-        joined_at=member.created_at,  # type: ignore[arg-type]
+        joined_at=member.created_at,
     )
 
 
@@ -309,10 +309,10 @@ def firm_invitation_out(inv: FirmInvitation) -> FirmInvitationOut:
         id=inv.id,
         firm_id=inv.firm_id,
         email=inv.email_normalized,
-        role=inv.role,  # type: ignore[arg-type]
+        role=inv.role,
         status=service.invitation_status(inv),
         created_at=inv.created_at,
-        expires_at=inv.expires_at,  # type: ignore[arg-type]
+        expires_at=inv.expires_at,
     )
 
 
@@ -516,7 +516,7 @@ def join_request_out(request: JoinRequest, firm: Firm) -> JoinRequestOut:
         message=request.message,
         status=request.status,
         reason=request.reason,
-        created_at=request.created_at,  # type: ignore[arg-type]
+        created_at=request.created_at,
         decided_at=request.decided_at,
     )
 
@@ -618,7 +618,7 @@ def cluster_invitation_out(cluster: Cluster, inv: ClusterInvitation) -> ClusterI
         cluster_name=cluster.name,
         firm_id=inv.firm_id,
         message=inv.message,
-        status=service.cluster_invitation_status(inv),  # type: ignore[arg-type]
+        status=service.cluster_invitation_status(inv),
         created_at=inv.created_at,
         expires_at=inv.expires_at,
         decided_at=inv.decided_at,
@@ -718,7 +718,7 @@ def cluster_member_out(cluster: Cluster, member: ClusterMember, firm: Firm) -> C
         region=firm.region,
         city=firm.city,
         actor_type=firm.actor_type,
-        industries=list(firm.industries),  # type: ignore[arg-type]
+        industries=list(firm.industries),
         is_operator=cluster.operator_firm_id == firm.id,
         park_id=member.park_id,
         joined_at=member.joined_at,

@@ -23,6 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col, select
 
 from api.events import (
     ClusterCreatedV1,
@@ -88,7 +89,7 @@ def normalize_email(email: str) -> str:
 async def sign_up(session: AsyncSession, *, email: str, password: str, display_name: str) -> User:
     """Create a user; emails are unique regardless of case."""
     normalized = normalize_email(email)
-    exists = await session.scalar(sa.select(User.id).where(User.email_normalized == normalized))
+    exists = await session.scalar(select(User.id).where(User.email_normalized == normalized))
     if exists:
         raise AlreadyExists("An account with this email exists.")
     user = User(
@@ -120,10 +121,10 @@ async def get_active_user(session: AsyncSession, principal: Principal) -> User:
 
 async def my_firms(session: AsyncSession, user_id: str) -> list[tuple[Firm, FirmMember]]:
     rows = await session.execute(
-        sa.select(Firm, FirmMember)
-        .join(FirmMember, FirmMember.firm_id == Firm.id)
+        select(Firm, FirmMember)
+        .join(FirmMember, col(FirmMember.firm_id) == Firm.id)
         .where(FirmMember.user_id == user_id)
-        .order_by(FirmMember.created_at)
+        .order_by(col(FirmMember.created_at))
     )
     return [(f, m) for f, m in rows.all()]
 
@@ -169,16 +170,16 @@ async def revoke_tokens(
     """
     now = utcnow()
     refresh = sa.update(RefreshToken).where(
-        RefreshToken.user_id == user_id,
-        RefreshToken.revoked_at.is_(None),  # type: ignore[union-attr]
+        col(RefreshToken.user_id) == user_id,
+        col(RefreshToken.revoked_at).is_(None),
     )
-    live = sa.select(AccessToken).where(
+    live = select(AccessToken).where(
         AccessToken.subject == user_id,
         AccessToken.expires_at > now,
         AccessToken.revoked_at.is_(None),  # type: ignore[union-attr]
     )
     if firm_id is not None:
-        refresh = refresh.where(RefreshToken.firm_id == firm_id)
+        refresh = refresh.where(col(RefreshToken.firm_id) == firm_id)
         live = live.where(AccessToken.firm_id == firm_id)
     await session.execute(refresh.values(revoked_at=now))
     tokens = (await session.execute(live)).scalars().all()
@@ -193,7 +194,7 @@ async def deactivate_me(session: AsyncSession, principal: Principal, denylist: D
     for firm, membership in await my_firms(session, user.id):
         if membership.role == "owner" and await _owner_count(session, firm.id) == 1:
             others = await session.scalar(
-                sa.select(sa.func.count()).where(
+                select(sa.func.count()).where(
                     FirmMember.firm_id == firm.id, FirmMember.user_id != user.id
                 )
             )
@@ -223,7 +224,7 @@ def _firm_profile(firm: Firm) -> dict[str, Any]:
 
 
 async def _set_industries(session: AsyncSession, firm_id: str, codes: Sequence[str]) -> None:
-    await session.execute(sa.delete(FirmIndustry).where(FirmIndustry.firm_id == firm_id))  # type: ignore[arg-type]
+    await session.execute(sa.delete(FirmIndustry).where(col(FirmIndustry.firm_id) == firm_id))
     session.add_all(FirmIndustry(firm_id=firm_id, code=c) for c in codes)
 
 
@@ -234,7 +235,7 @@ async def create_firm(session: AsyncSession, principal: Principal, **fields: Any
     await session.flush()
     await _set_industries(session, firm.id, firm.industries)
     session.add(FirmMember(id=new_id("fm"), firm_id=firm.id, user_id=user.id, role="owner"))
-    _publish(session, FirmRegisteredV1(**_firm_profile(firm)))  # type: ignore[arg-type]
+    _publish(session, FirmRegisteredV1(**_firm_profile(firm)))
     _publish(session, FirmMemberAddedV1(firm_id=firm.id, user_id=user.id, role="owner"))
     audit.record(
         session,
@@ -256,7 +257,7 @@ async def update_firm(
     if "industries" in changes:
         await _set_industries(session, firm.id, changes["industries"])
     firm.updated_at = utcnow()
-    _publish(session, FirmUpdatedV1(**_firm_profile(firm)))  # type: ignore[arg-type]
+    _publish(session, FirmUpdatedV1(**_firm_profile(firm)))
     audit.record(
         session,
         principal,
@@ -274,8 +275,8 @@ async def firm_members(
 ) -> list[tuple[FirmMember, User]]:
     await require_firm(session, firm_id, principal)
     query = (
-        sa.select(FirmMember, User)
-        .join(User, User.id == FirmMember.user_id)
+        select(FirmMember, User)
+        .join(User, col(User.id) == FirmMember.user_id)
         .where(FirmMember.firm_id == firm_id)
         .order_by(FirmMember.id)
         .limit(limit + 1)
@@ -288,7 +289,7 @@ async def firm_members(
 async def _owner_count(session: AsyncSession, firm_id: str) -> int:
     return int(
         await session.scalar(
-            sa.select(sa.func.count()).where(
+            select(sa.func.count()).where(
                 FirmMember.firm_id == firm_id,
                 FirmMember.role == "owner",
                 FirmMember.status == "active",
@@ -300,7 +301,7 @@ async def _owner_count(session: AsyncSession, firm_id: str) -> int:
 
 async def _target_member(session: AsyncSession, firm_id: str, user_id: str) -> FirmMember:
     member = await session.scalar(
-        sa.select(FirmMember).where(FirmMember.firm_id == firm_id, FirmMember.user_id == user_id)
+        select(FirmMember).where(FirmMember.firm_id == firm_id, FirmMember.user_id == user_id)
     )
     if member is None:
         raise NotFound("No member with this id in the firm.")
@@ -328,7 +329,7 @@ async def change_role(
         raise InvalidState("A firm keeps at least one owner.")
     old = member.role
     member.role = role
-    _publish(session, FirmMemberRoleChangedV1(firm_id=firm_id, user_id=user_id, role=role))  # type: ignore[arg-type]
+    _publish(session, FirmMemberRoleChangedV1(firm_id=firm_id, user_id=user_id, role=role))
     audit.record(
         session,
         principal,
@@ -390,7 +391,7 @@ async def set_member_status(
         await revoke_tokens(session, denylist, user_id=user_id, firm_id=firm_id)
         _publish(session, FirmMemberRemovedV1(firm_id=firm_id, user_id=user_id))
     else:
-        _publish(session, FirmMemberAddedV1(firm_id=firm_id, user_id=user_id, role=member.role))  # type: ignore[arg-type]
+        _publish(session, FirmMemberAddedV1(firm_id=firm_id, user_id=user_id, role=member.role))
     audit.record(
         session,
         principal,
@@ -420,8 +421,8 @@ async def invite_user(
         raise Forbidden("Only an owner can invite owners and admins.")
     normalized = normalize_email(email)
     already = await session.scalar(
-        sa.select(FirmMember.id)
-        .join(User, User.id == FirmMember.user_id)
+        select(FirmMember.id)
+        .join(User, col(User.id) == FirmMember.user_id)
         .where(FirmMember.firm_id == firm_id, User.email_normalized == normalized)
     )
     if already:
@@ -454,7 +455,7 @@ async def list_firm_invitations(
 ) -> list[FirmInvitation]:
     await require_firm(session, firm_id, principal, ADMIN_ROLES)
     query = (
-        sa.select(FirmInvitation)
+        select(FirmInvitation)
         .where(FirmInvitation.firm_id == firm_id)
         .order_by(FirmInvitation.id)
         .limit(limit + 1)
@@ -494,7 +495,7 @@ async def accept_firm_invitation(
     user = await get_active_user(session, principal)
     inv = (
         await session.execute(
-            sa.select(FirmInvitation).where(FirmInvitation.id == invitation_id).with_for_update()
+            select(FirmInvitation).where(FirmInvitation.id == invitation_id).with_for_update()
         )
     ).scalar_one_or_none()
     if (
@@ -509,7 +510,7 @@ async def accept_firm_invitation(
     if state != "pending":
         raise Gone(f"The invitation is {state}.", state=state)
     existing = await session.scalar(
-        sa.select(FirmMember).where(FirmMember.firm_id == firm_id, FirmMember.user_id == user.id)
+        select(FirmMember).where(FirmMember.firm_id == firm_id, FirmMember.user_id == user.id)
     )
     if existing is not None:
         raise AlreadyExists("You are already a member of this firm.")
@@ -517,7 +518,7 @@ async def accept_firm_invitation(
     inv.accepted_by = user.id
     member = FirmMember(id=new_id("fm"), firm_id=firm_id, user_id=user.id, role=inv.role)
     session.add(member)
-    _publish(session, FirmMemberAddedV1(firm_id=firm_id, user_id=user.id, role=inv.role))  # type: ignore[arg-type]
+    _publish(session, FirmMemberAddedV1(firm_id=firm_id, user_id=user.id, role=inv.role))
     audit.record(
         session,
         principal,
@@ -553,7 +554,7 @@ async def acting_firm(session: AsyncSession, principal: Principal, *, admin: boo
 
 
 async def _cluster(session: AsyncSession, cluster_id: str, *, lock: bool = False) -> Cluster:
-    query = sa.select(Cluster).where(Cluster.id == cluster_id)
+    query = select(Cluster).where(Cluster.id == cluster_id)
     if lock:
         query = query.with_for_update()
     cluster = (await session.execute(query)).scalar_one_or_none()
@@ -564,7 +565,7 @@ async def _cluster(session: AsyncSession, cluster_id: str, *, lock: bool = False
 
 async def _membership(session: AsyncSession, cluster_id: str, firm_id: str) -> ClusterMember | None:
     return await session.scalar(
-        sa.select(ClusterMember).where(
+        select(ClusterMember).where(
             ClusterMember.cluster_id == cluster_id, ClusterMember.firm_id == firm_id
         )
     )
@@ -631,8 +632,8 @@ async def member_count(session: AsyncSession, cluster_ids: Sequence[str]) -> dic
     if not cluster_ids:
         return {}
     rows = await session.execute(
-        sa.select(ClusterMember.cluster_id, sa.func.count())
-        .where(ClusterMember.cluster_id.in_(cluster_ids), ClusterMember.status == "active")  # type: ignore[attr-defined]
+        select(ClusterMember.cluster_id, sa.func.count())
+        .where(col(ClusterMember.cluster_id).in_(cluster_ids), ClusterMember.status == "active")
         .group_by(ClusterMember.cluster_id)
     )
     return {cid: int(n) for cid, n in rows.all()}
@@ -645,14 +646,14 @@ async def list_clusters(
     member_of: set[str] = set()
     if principal.firm_id:
         rows = await session.execute(
-            sa.select(ClusterMember.cluster_id).where(
+            select(ClusterMember.cluster_id).where(
                 ClusterMember.firm_id == principal.firm_id, ClusterMember.status == "active"
             )
         )
         member_of = set(rows.scalars())
-    query = sa.select(Cluster).order_by(Cluster.id).limit(limit + 1)
+    query = select(Cluster).order_by(Cluster.id).limit(limit + 1)
     if mine:
-        query = query.where(Cluster.id.in_(member_of))  # type: ignore[attr-defined]
+        query = query.where(col(Cluster.id).in_(member_of))
     if after:
         query = query.where(Cluster.id > after)
     return list((await session.execute(query)).scalars()), member_of
@@ -704,7 +705,7 @@ async def request_to_join(
     cluster = await _cluster(session, cluster_id)
     await _ensure_not_member(session, cluster_id, firm.id)
     pending = await session.scalar(
-        sa.select(JoinRequest.id).where(
+        select(JoinRequest.id).where(
             JoinRequest.cluster_id == cluster_id,
             JoinRequest.firm_id == firm.id,
             JoinRequest.status == "pending",
@@ -747,8 +748,8 @@ async def list_join_requests(
     firm = await acting_firm(session, principal, admin=False)
     cluster = await _cluster(session, cluster_id)
     query = (
-        sa.select(JoinRequest, Firm)
-        .join(Firm, Firm.id == JoinRequest.firm_id)
+        select(JoinRequest, Firm)
+        .join(Firm, col(Firm.id) == JoinRequest.firm_id)
         .where(JoinRequest.cluster_id == cluster_id)
     )
     if cluster.operator_firm_id == firm.id:
@@ -768,7 +769,7 @@ async def list_join_requests(
 async def _join_request(session: AsyncSession, cluster_id: str, request_id: str) -> JoinRequest:
     request = (
         await session.execute(
-            sa.select(JoinRequest).where(JoinRequest.id == request_id).with_for_update()
+            select(JoinRequest).where(JoinRequest.id == request_id).with_for_update()
         )
     ).scalar_one_or_none()
     if request is None or request.cluster_id != cluster_id:
@@ -850,7 +851,7 @@ async def invite_firm(
         raise NotFound("No firm with this id.")
     await _ensure_not_member(session, cluster_id, firm_id)
     pending = await session.scalar(
-        sa.select(ClusterInvitation.id).where(
+        select(ClusterInvitation.id).where(
             ClusterInvitation.cluster_id == cluster_id,
             ClusterInvitation.firm_id == firm_id,
             ClusterInvitation.status == "pending",
@@ -886,7 +887,7 @@ async def list_cluster_invitations(
 ) -> tuple[Cluster, list[ClusterInvitation]]:
     firm = await acting_firm(session, principal, admin=False)
     cluster = await _cluster(session, cluster_id)
-    query = sa.select(ClusterInvitation).where(ClusterInvitation.cluster_id == cluster_id)
+    query = select(ClusterInvitation).where(ClusterInvitation.cluster_id == cluster_id)
     if cluster.operator_firm_id == firm.id:
         await acting_firm(session, principal, admin=True)
     else:
@@ -911,9 +912,7 @@ async def answer_cluster_invitation(
     cluster = await _cluster(session, cluster_id, lock=True)
     inv = (
         await session.execute(
-            sa.select(ClusterInvitation)
-            .where(ClusterInvitation.id == invitation_id)
-            .with_for_update()
+            select(ClusterInvitation).where(ClusterInvitation.id == invitation_id).with_for_update()
         )
     ).scalar_one_or_none()
     if inv is None or inv.cluster_id != cluster_id or inv.firm_id != firm.id:
@@ -975,8 +974,8 @@ async def list_members(
 ) -> tuple[Cluster, list[tuple[ClusterMember, Firm]]]:
     cluster, _ = await member_cluster(session, principal, cluster_id)
     query = (
-        sa.select(ClusterMember, Firm)
-        .join(Firm, Firm.id == ClusterMember.firm_id)
+        select(ClusterMember, Firm)
+        .join(Firm, col(Firm.id) == ClusterMember.firm_id)
         .where(ClusterMember.cluster_id == cluster_id, ClusterMember.status == "active")
     )
     if region:
@@ -984,12 +983,12 @@ async def list_members(
     if actor_type:
         query = query.where(Firm.actor_type == actor_type)
     if industry:
-        codes = sa.select(FirmIndustry.firm_id).where(
-            sa.or_(FirmIndustry.code == industry, FirmIndustry.code.startswith(industry))  # type: ignore[attr-defined]
+        codes = select(FirmIndustry.firm_id).where(
+            sa.or_(col(FirmIndustry.code) == industry, col(FirmIndustry.code).startswith(industry))
             if len(industry) == 2
             else FirmIndustry.code == industry
         )
-        query = query.where(Firm.id.in_(codes))  # type: ignore[attr-defined]
+        query = query.where(col(Firm.id).in_(codes))
     if after:
         query = query.where(ClusterMember.id > after)
     rows = await session.execute(query.order_by(ClusterMember.id).limit(limit + 1))
@@ -1028,7 +1027,7 @@ async def remove_cluster_member(
     membership.park_id = None
     _publish(
         session,
-        ClusterMemberLeftV1(cluster_id=cluster_id, reason=membership.status, **_firm_profile(firm)),  # type: ignore[arg-type]
+        ClusterMemberLeftV1(cluster_id=cluster_id, reason=membership.status, **_firm_profile(firm)),
     )
     if located_park:
         park = await session.get(Park, located_park)
@@ -1092,9 +1091,9 @@ async def park_occupancy(session: AsyncSession, park_ids: Sequence[str]) -> dict
     if not park_ids:
         return {}
     rows = await session.execute(
-        sa.select(ClusterMember.park_id, ClusterMember.firm_id).where(
-            ClusterMember.park_id.in_(park_ids),
-            ClusterMember.status == "active",  # type: ignore[union-attr]
+        select(ClusterMember.park_id, ClusterMember.firm_id).where(
+            col(ClusterMember.park_id).in_(park_ids),
+            ClusterMember.status == "active",
         )
     )
     out: dict[str, list[str]] = {pid: [] for pid in park_ids}
@@ -1172,7 +1171,7 @@ async def list_parks(
     session: AsyncSession, principal: Principal, cluster_id: str, *, after: str | None, limit: int
 ) -> list[Park]:
     await member_cluster(session, principal, cluster_id)
-    query = sa.select(Park).where(Park.cluster_id == cluster_id).order_by(Park.id).limit(limit + 1)
+    query = select(Park).where(Park.cluster_id == cluster_id).order_by(Park.id).limit(limit + 1)
     if after:
         query = query.where(Park.id > after)
     return list((await session.execute(query)).scalars())
@@ -1199,7 +1198,7 @@ async def audit_events(
     limit: int,
 ) -> list[AuditEvent]:
     """Newest first; the cursor pages towards older events."""
-    query = sa.select(AuditEvent)
+    query = select(AuditEvent)
     if firm_id:
         query = query.where(AuditEvent.firm_id == firm_id)
     if cluster_id:
