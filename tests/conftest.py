@@ -119,6 +119,7 @@ def make_settings(
 ) -> Settings:
     values: dict[str, Any] = {
         "env": "test",
+        "secret_key": "test-secret-" + secrets.token_hex(8),
         "data_dir": tmp_path / "var",
         "database_url": database_url,
         "redis_url": REDIS_URL,

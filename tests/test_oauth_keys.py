@@ -100,7 +100,11 @@ async def test_keys_rotate_keeps_old_tokens_valid(
     before = await login(client, "rotate@example.com")
     old_kid = jwt_parts(before["access_token"])[0]["kid"]
 
-    env = {"ONECLUSTER_DATA_DIR": str(settings.data_dir), "ONECLUSTER_ENV": "test"}
+    env = {
+        "ONECLUSTER_DATA_DIR": str(settings.data_dir),
+        "ONECLUSTER_ENV": "test",
+        "ONECLUSTER_SECRET_KEY": settings.secret_key.get_secret_value(),
+    }
     if settings.database_url:
         env["ONECLUSTER_DATABASE_URL"] = settings.database_url
     result = await asyncio.to_thread(CliRunner().invoke, cli, ["keys", "rotate"], env=env)
@@ -249,7 +253,7 @@ async def test_missing_or_wrong_scheme_gets_401(client: httpx.AsyncClient) -> No
 def test_rotate_creates_the_database_when_missing(tmp_path: Path) -> None:
     from services.membership.keys import rotate_signing_key
 
-    settings = Settings(env="test", data_dir=tmp_path / "fresh")
+    settings = Settings(env="test", secret_key="k" * 32, data_dir=tmp_path / "fresh")
     first = rotate_signing_key(settings)
     second = rotate_signing_key(settings)
     assert first != second
@@ -260,7 +264,7 @@ def test_sync_key_store_api(tmp_path: Path) -> None:
     from services.kit.db import Database
     from services.membership.keys import MIGRATIONS_DIR
 
-    settings = Settings(env="test", data_dir=tmp_path)
+    settings = Settings(env="test", secret_key="k" * 32, data_dir=tmp_path)
     db = Database(settings.database_url_for("membership"), schema="membership")
     db.migrate_sync(MIGRATIONS_DIR)
     try:

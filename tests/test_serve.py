@@ -27,7 +27,13 @@ def free_port() -> int:
 def served(tmp_path: Path, database_url: str | None, redis_prefix: str) -> Iterator[str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONECLUSTER_")}
-    env.update({"ONECLUSTER_ENV": "test", "ONECLUSTER_REDIS_PREFIX": redis_prefix})
+    env.update(
+        {
+            "ONECLUSTER_ENV": "test",
+            "ONECLUSTER_SECRET_KEY": "serve-test-secret",
+            "ONECLUSTER_REDIS_PREFIX": redis_prefix,
+        }
+    )
     if database_url:
         env["ONECLUSTER_DATABASE_URL"] = database_url
     if os.environ.get("ONECLUSTER_TEST_REDIS_URL"):
