@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import JSON, Field, SQLModel
 
 from api.events import Envelope, EventPayload
-from services.kit.bus import Bus
+from services.kit.bus import Bus, BusUnavailable
 from services.kit.db import Database, UTCDateTime, utcnow
 from services.kit.ids import new_id
 from services.kit.telemetry import OUTBOX_BACKLOG, OUTBOX_PUBLISHED
@@ -90,6 +90,7 @@ class OutboxRelay:
         self.batch_size = batch_size
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         db.after_commit.append(self._after_commit)
 
     def _after_commit(self, session: Any) -> None:
@@ -100,11 +101,17 @@ class OutboxRelay:
         self._wake.set()
 
     def start(self) -> None:
+        self._stopping = False
+        self._wake.set()  # publish what was left unsent before this start at once
         self._task = asyncio.create_task(self._run(), name=f"outbox-relay:{self.source}")
 
     async def stop(self) -> None:
         if self._task is None:
             return
+        # The flag as well as the cancel: on Python 3.11 ``wait_for`` swallows a
+        # cancellation that races with the wake-up it waits for (a commit just before
+        # shutdown), and the loop would then wait a whole poll interval, forever.
+        self._stopping = True
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -115,7 +122,7 @@ class OutboxRelay:
 
     async def _run(self) -> None:
         backoff = self.poll_interval
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=backoff)
             self._wake.clear()
@@ -138,7 +145,7 @@ class OutboxRelay:
             query = (
                 sa.select(model)
                 .where(model.published_at.is_(None))  # type: ignore[union-attr]
-                .order_by(model.id)  # type: ignore[arg-type]
+                .order_by(model.id)
                 .limit(self.batch_size)
             )
             if self.db.postgres:
@@ -155,6 +162,12 @@ class OutboxRelay:
                 )
                 try:
                     await self.bus.publish(envelope)
+                except BusUnavailable as exc:
+                    # The bus itself is down (Redis unreachable): nothing is wrong with
+                    # this event, so the attempt does not count towards giving it up.
+                    row.last_error = str(exc)[:500]
+                    failed = True
+                    break
                 except Exception as exc:
                     row.attempts += 1
                     row.last_error = str(exc)[:500]
@@ -208,8 +221,17 @@ async def consume_once(
             if seen is not None:
                 return False
             session.add(model(consumer=consumer, event_id=envelope.id, handled_at=utcnow()))
-            await session.flush()
+            try:
+                await session.flush()
+            except IntegrityError:
+                raise _AlreadyHandled from None  # a concurrent delivery of the same event won
+            # An IntegrityError of the consumer's own change propagates: it is a failure,
+            # and the bus must deliver the event again, not acknowledge it as a duplicate.
             await apply(session, envelope)
-    except IntegrityError:
-        return False  # a concurrent delivery of the same event won
+    except _AlreadyHandled:
+        return False
     return True
+
+
+class _AlreadyHandled(Exception):
+    pass
