@@ -32,6 +32,14 @@ log = logging.getLogger("onecluster.bus")
 Handler = Callable[[Envelope], Awaitable[None]]
 
 
+class BusUnavailable(Exception):
+    """The bus could not take the event at all (its broker is unreachable).
+
+    Unlike a consumer's failure this says nothing about the event, so the outbox keeps
+    retrying it for as long as the outage lasts instead of counting it towards giving up.
+    """
+
+
 class Bus(Protocol):
     async def publish(self, envelope: Envelope) -> None: ...
 
@@ -52,9 +60,7 @@ class _Subscription:
     types: frozenset[str] = field(default_factory=frozenset)
 
     def wants(self, envelope: Envelope) -> bool:
-        return envelope.source in self.sources and (
-            not self.types or envelope.type in self.types
-        )
+        return envelope.source in self.sources and (not self.types or envelope.type in self.types)
 
 
 class InProcessBus:
@@ -66,7 +72,9 @@ class InProcessBus:
     def subscribe(
         self, group: str, handler: Handler, *, sources: Iterable[str], types: Iterable[str] = ()
     ) -> None:
-        self.subscriptions.append(_Subscription(group, handler, frozenset(sources), frozenset(types)))
+        self.subscriptions.append(
+            _Subscription(group, handler, frozenset(sources), frozenset(types))
+        )
 
     async def publish(self, envelope: Envelope) -> None:
         failures = []
@@ -127,12 +135,15 @@ class RedisStreamsBus:
         self._tasks.append(asyncio.create_task(self._run(sub), name=f"bus:{sub.group}"))
 
     async def publish(self, envelope: Envelope) -> None:
-        await self.redis.xadd(
-            stream_name(self.prefix, envelope.source),
-            {"envelope": envelope.model_dump_json()},
-            maxlen=self.maxlen,
-            approximate=True,
-        )
+        try:
+            await self.redis.xadd(
+                stream_name(self.prefix, envelope.source),
+                {"envelope": envelope.model_dump_json()},
+                maxlen=self.maxlen,
+                approximate=True,
+            )
+        except (RedisError, OSError) as exc:
+            raise BusUnavailable(f"Redis: {type(exc).__name__}: {exc}") from exc
 
     async def start(self) -> None:
         self._stopping.clear()
@@ -162,7 +173,7 @@ class RedisStreamsBus:
 
     async def _run(self, sub: _Subscription) -> None:
         backoff = 0.1
-        streams = {stream_name(self.prefix, s): ">" for s in sub.sources}
+        streams: dict[Any, Any] = {stream_name(self.prefix, s): ">" for s in sub.sources}
         ready = False
         while not self._stopping.is_set():
             try:
@@ -170,7 +181,7 @@ class RedisStreamsBus:
                     await self._ensure_groups(sub)
                     ready = True
                     await self._reclaim(sub)
-                replies = await self.redis.xreadgroup(
+                replies: Any = await self.redis.xreadgroup(
                     sub.group, self.consumer_name, streams, count=100, block=self.block_ms
                 )
                 for stream, entries in replies or []:
@@ -179,9 +190,9 @@ class RedisStreamsBus:
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # Redis down, or anything else: never end the reader
                 ready = False
-                log.warning("bus reader %s: %s; retrying in %.1fs", sub.group, exc, backoff)
+                log.warning("bus reader %s: %r; retrying in %.1fs", sub.group, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -200,7 +211,16 @@ class RedisStreamsBus:
                 await self.redis.xack(stream, sub.group, entry_id)
                 continue
             raw = fields.get(b"envelope") or fields.get("envelope")
-            envelope = Envelope.model_validate_json(raw)
+            try:
+                envelope = Envelope.model_validate_json(raw)
+            except Exception:
+                # No retry can make junk readable; acknowledge it rather than let it end
+                # this reader (and leave the group without a consumer).
+                log.error(
+                    "consumer %s: entry %r on %r is not an envelope", sub.group, entry_id, stream
+                )
+                await self.redis.xack(stream, sub.group, entry_id)
+                continue
             if sub.wants(envelope):
                 try:
                     await sub.handler(envelope)
