@@ -4,10 +4,10 @@ Semantics (the ones Stripe and the IETF draft settled on):
 
 * same principal + key + same request → the first response is replayed, with
   ``Idempotent-Replayed: true``, and nothing runs again;
-* same principal + key + another request (method, path or body) → 422;
+* same principal + key + another request (method, path, query or body) → 422;
 * a second request while the first is still running → 409;
-* keys expire after ``ONECLUSTER_IDEMPOTENCY_TTL`` (24 h); a response of 5xx is not
-  kept, so the request may be retried with the same key.
+* keys expire after ``ONECLUSTER_IDEMPOTENCY_TTL`` (24 h); a response of 5xx or 429 is
+  not kept, so the request may be retried with the same key.
 
 The key row is claimed in its own short transaction before the handler runs, so two
 replicas racing on one key meet at the table's primary key.
@@ -22,8 +22,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, LargeBinary, SQLModel
 from sqlmodel import JSON as SQLJSON
+from sqlmodel import Field, LargeBinary, SQLModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.kit.db import UTCDateTime
@@ -40,6 +40,7 @@ log = logging.getLogger("onecluster.idempotency")
 MAX_KEY_LENGTH = 255
 MAX_STORED_BODY = 1_000_000
 LOCK_SECONDS = 60
+NOT_KEPT = frozenset({429})  # transient answers: a retry after Retry-After must run
 
 
 class IdempotencyFields(SQLModel):
@@ -86,7 +87,8 @@ class IdempotencyMiddleware:
             await problem_response(problem)(scope, receive, send)
             return
         digest = hashlib.sha256()
-        digest.update(scope["method"].encode() + b" " + scope["path"].encode() + b"\n")
+        target = scope["path"].encode() + b"?" + scope.get("query_string", b"")
+        digest.update(scope["method"].encode() + b" " + target + b"\n")
         digest.update(body)
         request_hash = digest.hexdigest()
         store = _Store(state.db, state.models.idempotency, state.settings.idempotency_ttl)
@@ -101,27 +103,40 @@ class IdempotencyMiddleware:
 
         captured: dict[str, Any] = {"status": 500, "headers": [], "body": bytearray()}
 
+        body_sent = False
+
         async def replay_receive() -> Message:
-            nonlocal body
-            chunk, body = body, b""
-            return {"type": "http.request", "body": chunk, "more_body": False}
+            # The body once; after it, the client's own messages (a response that listens
+            # for the disconnect must wait for it, not be handed empty bodies forever).
+            nonlocal body_sent
+            if body_sent:
+                return await receive()
+            body_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
         async def capture_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 captured["status"] = message["status"]
                 captured["headers"] = [
-                    [k.decode("latin-1"), v.decode("latin-1")] for k, v in message["headers"]
+                    [k.decode("latin-1"), v.decode("latin-1")]
+                    for k, v in message.get("headers", [])
                 ]
-            elif message["type"] == "http.response.body":
-                if len(captured["body"]) <= MAX_STORED_BODY:
-                    captured["body"].extend(message.get("body", b""))
+            elif (
+                message["type"] == "http.response.body"
+                and len(captured["body"]) <= MAX_STORED_BODY
+            ):
+                captured["body"].extend(message.get("body", b""))
             await send(message)
 
         try:
             await self.app(scope, replay_receive, capture_send)
         finally:
             try:
-                if captured["status"] >= 500 or len(captured["body"]) > MAX_STORED_BODY:
+                if (
+                    captured["status"] >= 500
+                    or captured["status"] in NOT_KEPT
+                    or len(captured["body"]) > MAX_STORED_BODY
+                ):
                     await store.release(principal, key)
                 else:
                     await store.complete(principal, key, captured)
