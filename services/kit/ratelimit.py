@@ -49,10 +49,12 @@ class RedisRateLimiter:
         self._script = redis.register_script(_HIT)
 
     async def hit(self, key: str, limit: int, window: int) -> int:
-        start = int(time.time() // window) * window
-        count, ttl = await self._script(keys=[f"{self.prefix}:rl:{key}:{start}"], args=[window])
+        now = time.time()
+        start = int(now // window) * window
+        count, _ttl = await self._script(keys=[f"{self.prefix}:rl:{key}:{start}"], args=[window])
         if int(count) > limit:
-            return max(1, int(ttl))
+            # Until this window ends (the key's TTL runs a whole window from its first hit).
+            return max(1, int(start + window - now + 0.999))
         return 0
 
 
