@@ -197,7 +197,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return problem_response(InternalError(), request)
+        response = problem_response(InternalError(), request)
+        # This handler answers outside the telemetry middleware (Starlette's outermost
+        # layer), so the ids that tie the 500 to its log lines are added here.
+        state = request.scope.get("state") or {}
+        for header, key in (("X-Request-ID", "request_id"), ("traceparent", "traceparent")):
+            if state.get(key):
+                response.headers[header] = state[key]
+        return response
 
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
@@ -237,7 +244,9 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         s: {
             "description": descriptions.get(s, "Error"),
             "model": ProblemDetails,
-            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}},
+            "content": {
+                PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}
+            },
         }
         for s in statuses
     }

@@ -105,7 +105,7 @@ class TelemetryMiddleware:
         traceparent = _continue_trace(headers.get("traceparent"))
         rid_token = request_id_var.set(request_id)
         tp_token = traceparent_var.set(traceparent)
-        scope.setdefault("state", {})["request_id"] = request_id
+        scope.setdefault("state", {}).update(request_id=request_id, traceparent=traceparent)
         status = 500
         start = time.perf_counter()
 
