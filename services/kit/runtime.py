@@ -42,7 +42,10 @@ class Runtime:
         self._users = 0
         if settings.redis_url:
             self.redis = Redis.from_url(
-                settings.redis_url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
+                settings.redis_url,
+                socket_timeout=5,
+                socket_connect_timeout=5,
+                health_check_interval=15,
             )
             prefix = settings.redis_prefix
             self.bus = RedisStreamsBus(self.redis, prefix=prefix)

@@ -75,9 +75,8 @@ class Settings(BaseSettings):
     def _refuse_placeholders(self) -> Settings:
         if self.env != "development" and self.secret_key.get_secret_value() == DEVELOPMENT_SECRET:
             raise ValueError("ONECLUSTER_SECRET_KEY must be set outside development")
-        if self.env == "production":
-            if not self.public_url.startswith("https://"):
-                raise ValueError("ONECLUSTER_PUBLIC_URL must be https outside development")
+        if self.env == "production" and not self.public_url.startswith("https://"):
+            raise ValueError("ONECLUSTER_PUBLIC_URL must be https outside development")
         return self
 
     @property
