@@ -122,8 +122,7 @@ class IdempotencyMiddleware:
                     for k, v in message.get("headers", [])
                 ]
             elif (
-                message["type"] == "http.response.body"
-                and len(captured["body"]) <= MAX_STORED_BODY
+                message["type"] == "http.response.body" and len(captured["body"]) <= MAX_STORED_BODY
             ):
                 captured["body"].extend(message.get("body", b""))
             await send(message)
