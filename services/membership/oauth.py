@@ -411,10 +411,6 @@ class OAuthResponse:
     body: dict[str, Any] | str
     headers: list[tuple[str, str]]
 
-    @property
-    def location(self) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == "location"), None)
-
 
 # -- access tokens ----------------------------------------------------------------------------
 class AccessTokenGenerator(JWTBearerTokenGenerator):

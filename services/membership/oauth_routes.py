@@ -37,7 +37,7 @@ from authlib.oauth2.rfc6749 import (
 from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant
 from authlib.oauth2.rfc6749.util import extract_basic_authorization
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import col
 from starlette.concurrency import run_in_threadpool
@@ -288,8 +288,8 @@ def _oauth_response(result: OAuthResponse, *, no_store: bool = True) -> Response
     headers = {k: v for k, v in result.headers if k.lower() != "content-type"}
     if no_store:
         headers.update(NO_STORE)
-    if result.status in (301, 302, 303, 307) and result.location:
-        return RedirectResponse(result.location, status_code=302, headers=headers)
+    if result.status == 302:
+        return Response(status_code=302, headers=headers)  # Location exactly as Authlib built it
     if isinstance(result.body, dict):
         return JSONResponse(result.body, status_code=result.status, headers=headers)
     return Response(result.body or b"", status_code=result.status, headers=headers)
