@@ -20,16 +20,25 @@ ADMIN_ROLES = frozenset({"owner", "admin"})
 
 
 async def firm_role(session: AsyncSession, firm_id: str, principal: Principal) -> str | None:
-    """The caller's role in the firm, or None. A client acts as its firm's admin-less self."""
+    """The caller's role in the firm, or None; 403 when the membership is suspended.
+
+    An integrator client has the pseudo-role ``client`` in its own firm.
+    """
     if principal.kind == "client":
         return "client" if principal.firm_id == firm_id else None
-    return (
+    row = (
         await session.execute(
-            select(FirmMember.role).where(
+            select(FirmMember.role, FirmMember.status).where(
                 FirmMember.firm_id == firm_id, FirmMember.user_id == principal.subject
             )
         )
-    ).scalar_one_or_none()
+    ).one_or_none()
+    if row is None:
+        return None
+    role, status = row
+    if status != "active":
+        raise Forbidden("Your membership of this firm is deactivated.")
+    return str(role)
 
 
 async def require_firm(
