@@ -145,6 +145,36 @@ async def test_stop_is_prompt_when_a_wake_arrives_just_before_it(db: Database) -
     await asyncio.wait_for(relay.stop(), timeout=10)
 
 
+async def test_stop_lets_a_publish_in_flight_finish(db: Database) -> None:
+    """Shutdown while a consumer is handling an event: the event is delivered once and
+    marked sent, not cut off, rolled back and delivered again by the next relay."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    async def slow(envelope: Envelope) -> None:
+        calls.append(envelope.id)
+        entered.set()
+        await release.wait()
+
+    bus = InProcessBus()
+    bus.subscribe("kit-consumer", slow, sources=[SERVICE])
+    relay = OutboxRelay(db, KitOutbox, bus, source=SERVICE, poll_interval=30.0)
+    relay.start()
+    async with db.session_scope() as session:
+        event_id = emit(session, KitOutbox, firm_registered())
+    await asyncio.wait_for(entered.wait(), timeout=10)
+    stopping = asyncio.create_task(relay.stop())
+    await asyncio.sleep(0)  # stop() has begun while the handler still runs
+    release.set()
+    await asyncio.wait_for(stopping, timeout=10)
+    assert calls == [event_id]
+    (row,) = await outbox_rows(db)
+    assert row.published_at is not None
+    relay.start()  # a later relay finds nothing to send again
+    await relay.stop()
+    assert calls == [event_id]
+
+
 async def test_events_of_one_transaction_are_published_in_emit_order(db: Database) -> None:
     recorder = Recorder()
     relay, _ = relay_with(db, recorder)

@@ -105,17 +105,23 @@ class OutboxRelay:
         self._wake.set()  # publish what was left unsent before this start at once
         self._task = asyncio.create_task(self._run(), name=f"outbox-relay:{self.source}")
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
         if self._task is None:
             return
-        # The flag as well as the cancel: on Python 3.11 ``wait_for`` swallows a
-        # cancellation that races with the wake-up it waits for (a commit just before
-        # shutdown), and the loop would then wait a whole poll interval, forever.
+        # Let a batch in flight finish: cancelling it mid-publish rolls back rows that
+        # consumers already got, and they would get them again. Cancel only after
+        # ``grace``. A flag, not a cancel alone, ends the loop: on Python 3.11
+        # ``wait_for`` swallows a cancellation that races with the wake-up it waits
+        # for (a commit just before shutdown), and the loop would wait on forever.
         self._stopping = True
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        self._wake.set()
+        task, self._task = self._task, None
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=grace)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         # A last pass so that what was committed before shutdown is not left waiting.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.drain_once(), timeout=2)
@@ -127,7 +133,7 @@ class OutboxRelay:
                 await asyncio.wait_for(self._wake.wait(), timeout=backoff)
             self._wake.clear()
             try:
-                while await self.drain_once() == self.batch_size:
+                while await self.drain_once() == self.batch_size and not self._stopping:
                     pass
                 backoff = self.poll_interval
             except asyncio.CancelledError:
