@@ -122,6 +122,10 @@ class IdempotencyInProgress(Problem):
     status, slug, title = 409, "idempotency-in-progress", "A request with this key is running"
 
 
+class IdempotentSecretWithheld(Problem):
+    status, slug, title = 409, "idempotent-secret-withheld", "The first response is not replayed"
+
+
 class RateLimited(Problem):
     status, slug, title = 429, "rate-limited", "Too many requests"
 

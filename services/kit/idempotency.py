@@ -6,8 +6,17 @@ Semantics (the ones Stripe and the IETF draft settled on):
   ``Idempotent-Replayed: true``, and nothing runs again;
 * same principal + key + another request (method, path, query or body) → 422;
 * a second request while the first is still running → 409;
-* keys expire after ``ONECLUSTER_IDEMPOTENCY_TTL`` (24 h); a response of 5xx or 429 is
-  not kept, so the request may be retried with the same key.
+* keys expire after ``ONECLUSTER_IDEMPOTENCY_TTL`` (24 h);
+* only outcomes that the same request would get again are kept: 2xx, and 400/422 (the
+  body itself is wrong). Anything that may change on retry — 401 (a fresh token), 403,
+  404 (a read model catching up), 409, 429, 5xx — releases the key, so the request may be
+  retried with it;
+* a response marked ``Cache-Control: no-store`` (it carries a secret, e.g. a new client
+  secret) is recorded without its body: a replay answers 409 instead of handing the
+  secret out again;
+* anonymous callers are keyed by their address; OAuth protocol endpoints (``/oauth/``)
+  are left alone — their clients authenticate with Basic and their replay rules are the
+  protocol's (codes and refresh tokens are single-use).
 
 The key row is claimed in its own short transaction before the handler runs, so two
 replicas racing on one key meet at the table's primary key.
@@ -31,6 +40,7 @@ from services.kit.errors import (
     BadRequest,
     IdempotencyInProgress,
     IdempotencyKeyReused,
+    IdempotentSecretWithheld,
     Problem,
     Unauthorized,
     problem_response,
@@ -40,7 +50,9 @@ log = logging.getLogger("onecluster.idempotency")
 MAX_KEY_LENGTH = 255
 MAX_STORED_BODY = 1_000_000
 LOCK_SECONDS = 60
-NOT_KEPT = frozenset({429})  # transient answers: a retry after Retry-After must run
+KEPT_ERRORS = frozenset({400, 422})  # the request itself is wrong: a retry gets the same
+SKIPPED_PREFIXES = ("/oauth/",)
+SECRET_WITHHELD = "x-onecluster-secret-withheld"
 
 
 class IdempotencyFields(SQLModel):
@@ -74,7 +86,7 @@ class IdempotencyMiddleware:
             if name.lower() == b"idempotency-key":
                 key = value.decode("latin-1").strip()
                 break
-        if key is None:
+        if key is None or scope["path"].startswith(SKIPPED_PREFIXES):
             await self.app(scope, receive, send)
             return
         state = scope["app"].state
@@ -98,7 +110,7 @@ class IdempotencyMiddleware:
             await problem_response(problem)(scope, receive, send)
             return
         if replay is not None:
-            await _send_replay(replay, send)
+            await _send_replay(replay, scope, receive, send)
             return
 
         captured: dict[str, Any] = {"status": 500, "headers": [], "body": bytearray()}
@@ -131,13 +143,15 @@ class IdempotencyMiddleware:
             await self.app(scope, replay_receive, capture_send)
         finally:
             try:
-                if (
-                    captured["status"] >= 500
-                    or captured["status"] in NOT_KEPT
-                    or len(captured["body"]) > MAX_STORED_BODY
+                status = captured["status"]
+                if not (200 <= status < 300 or status in KEPT_ERRORS) or (
+                    len(captured["body"]) > MAX_STORED_BODY
                 ):
                     await store.release(principal, key)
                 else:
+                    if _no_store(captured["headers"]):
+                        captured["body"] = bytearray()
+                        captured["headers"] = [[SECRET_WITHHELD, "1"]]
                     await store.complete(principal, key, captured)
             except Exception:
                 log.exception("could not record the idempotent response for key %s", key)
@@ -163,10 +177,23 @@ async def _principal_of(scope: Scope, state: Any) -> str:
                 raise Unauthorized("Use the Bearer scheme.", error="invalid_request")
             principal = await state.verifier.verify(token.strip())
             return f"{principal.kind}:{principal.subject}"
-    return "anonymous"
+    client = scope.get("client")
+    return f"anonymous:{client[0] if client else 'unknown'}"
 
 
-async def _send_replay(row: Any, send: Send) -> None:
+def _no_store(headers: list[list[str]]) -> bool:
+    return any(k.lower() == "cache-control" and "no-store" in v.lower() for k, v in headers)
+
+
+async def _send_replay(row: Any, scope: Scope, receive: Receive, send: Send) -> None:
+    if any(k == SECRET_WITHHELD for k, _ in (row.response_headers or [])):
+        problem = IdempotentSecretWithheld(
+            "The first response to this Idempotency-Key carried a secret and is not replayed;"
+            " that request did succeed.",
+            original_status=row.response_status,
+        )
+        await problem_response(problem)(scope, receive, send)
+        return
     headers = [
         (k.encode("latin-1"), v.encode("latin-1"))
         for k, v in (row.response_headers or [])

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -142,9 +142,14 @@ async def _client(
     responses=ERR,
 )
 async def create_client(
-    firm_id: FirmId, body: ClientCreate, session: SessionDep, principal: MembershipWriter
+    firm_id: FirmId,
+    body: ClientCreate,
+    session: SessionDep,
+    principal: MembershipWriter,
+    response: Response,
 ) -> ClientWithSecret:
     await _require_admin(session, firm_id, principal)
+    response.headers["Cache-Control"] = "no-store"  # carries a secret: never cached or replayed
     secret = generate_client_secret()
     row = OAuthClient(
         id=new_id("cli"),
@@ -213,9 +218,14 @@ async def get_client(
     responses=ERR,
 )
 async def rotate_secret(
-    firm_id: FirmId, client_id: ClientId, session: SessionDep, principal: MembershipWriter
+    firm_id: FirmId,
+    client_id: ClientId,
+    session: SessionDep,
+    principal: MembershipWriter,
+    response: Response,
 ) -> ClientWithSecret:
     await _require_admin(session, firm_id, principal)
+    response.headers["Cache-Control"] = "no-store"
     row = await _client(session, firm_id, client_id, lock=True)
     secret = generate_client_secret()
     row.secret_hash = hash_client_secret(secret)

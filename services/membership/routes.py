@@ -325,8 +325,13 @@ def firm_invitation_out(inv: FirmInvitation) -> FirmInvitationOut:
     responses=ERR,
 )
 async def invite_user(
-    firm_id: Id, body: FirmInvitationCreate, session: SessionDep, principal: MembershipWriter
+    firm_id: Id,
+    body: FirmInvitationCreate,
+    session: SessionDep,
+    principal: MembershipWriter,
+    response: Response,
 ) -> FirmInvitationCreated:
+    response.headers["Cache-Control"] = "no-store"  # the invitation token is shown once
     inv, token = await service.invite_user(
         session, principal, firm_id, email=str(body.email), role=body.role
     )
