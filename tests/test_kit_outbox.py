@@ -350,3 +350,35 @@ def _has(recorder: Recorder, *ids: str) -> Callable[[], Awaitable[bool]]:
         return set(ids) <= set(recorder.ids)
 
     return check
+
+
+async def test_a_poisoned_event_is_dead_lettered_and_the_rest_flow_on(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.kit import outbox as outbox_module
+    from services.kit.telemetry import OUTBOX_DEAD_LETTERED
+
+    monkeypatch.setattr(outbox_module, "MAX_ATTEMPTS", 3)
+    poisoned_name = "poisoned"
+
+    class Picky(Recorder):
+        async def __call__(self, envelope: Envelope) -> None:
+            if envelope.data["name"] == poisoned_name:
+                raise RuntimeError("cannot handle this one")
+            await super().__call__(envelope)
+
+    recorder = Picky()
+    relay, _ = relay_with(db, recorder)
+    before = OUTBOX_DEAD_LETTERED.labels(SERVICE)._value.get()
+    async with db.session_scope() as session:
+        bad = emit(session, KitOutbox, firm_registered(poisoned_name))
+        good = emit(session, KitOutbox, firm_registered("fine"))
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            await relay.drain_once()
+    assert await relay.drain_once() == 1  # the good one, now that the bad one is set aside
+    assert recorder.ids == [good]
+    rows = {r.id: r for r in await outbox_rows(db)}
+    assert rows[bad].last_error.startswith("dead-lettered:")
+    assert rows[bad].attempts == 3
+    assert OUTBOX_DEAD_LETTERED.labels(SERVICE)._value.get() == before + 1

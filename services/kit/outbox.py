@@ -26,7 +26,7 @@ from api.events import Envelope, EventPayload
 from services.kit.bus import Bus, BusUnavailable
 from services.kit.db import Database, UTCDateTime, utcnow
 from services.kit.ids import new_id
-from services.kit.telemetry import OUTBOX_BACKLOG, OUTBOX_PUBLISHED
+from services.kit.telemetry import OUTBOX_BACKLOG, OUTBOX_DEAD_LETTERED, OUTBOX_PUBLISHED
 
 log = logging.getLogger("onecluster.outbox")
 MAX_ATTEMPTS = 20
@@ -178,8 +178,12 @@ class OutboxRelay:
                     row.attempts += 1
                     row.last_error = str(exc)[:500]
                     if row.attempts >= MAX_ATTEMPTS:
-                        log.error("giving up on event %s after %d attempts", row.id, row.attempts)
+                        # Set aside so that one poisoned event does not hold back the
+                        # rest; the row keeps the reason and the metric counts it.
+                        log.error("dead-lettering event %s after %d attempts", row.id, row.attempts)
+                        row.last_error = f"dead-lettered: {row.last_error}"[:500]
                         row.published_at = utcnow()
+                        OUTBOX_DEAD_LETTERED.labels(self.source).inc()
                     failed = True
                     break
                 row.published_at = utcnow()

@@ -36,6 +36,11 @@ HTTP_DURATION = Histogram(
 )
 HTTP_IN_FLIGHT = Gauge("http_requests_in_flight", "Requests being served", ["service"])
 OUTBOX_PUBLISHED = Counter("outbox_events_published_total", "Events relayed", ["service"])
+OUTBOX_DEAD_LETTERED = Counter(
+    "outbox_events_dead_lettered_total",
+    "Events set aside after MAX_ATTEMPTS consumer failures (last_error says why)",
+    ["service"],
+)
 OUTBOX_BACKLOG = Gauge("outbox_backlog_events", "Unsent outbox events", ["service"])
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
