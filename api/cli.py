@@ -18,10 +18,12 @@ cli.add_typer(keys_cli, name="keys")
 class Target(StrEnum):
     all = "all"
     membership = "membership"
+    marketplace = "marketplace"
 
 
 class Service(StrEnum):
     membership = "membership"
+    marketplace = "marketplace"
 
 
 DataDir = Annotated[

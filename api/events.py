@@ -151,3 +151,41 @@ class ParkUpdatedV1(EventPayload):
 class UserDeactivatedV1(EventPayload):
     event_type = "user.deactivated"
     user_id: str
+
+
+# -- marketplace ---------------------------------------------------------------------
+TaskKind = Literal["single_label", "multi_label", "span", "bbox", "transcription"]
+
+
+@register
+class TaskPublishedV1(EventPayload):
+    """A task opened for annotators; carries where the demand comes from (metrics)."""
+
+    event_type = "task.published"
+    task_id: str
+    cluster_id: str
+    requester_firm_id: str
+    requester_region: str
+    requester_industries: list[str]
+    kind: TaskKind
+    allocation: Literal["open", "contracted"] = "open"
+    reward_per_annotation: int
+    overlap: int
+    item_count: int
+    deadline: datetime | None = None
+
+
+@register
+class AssignmentSubmittedV1(EventPayload):
+    """An annotator handed in an answer (not yet reviewed)."""
+
+    event_type = "assignment.submitted"
+    assignment_id: str
+    task_id: str
+    item_id: str
+    cluster_id: str
+    requester_firm_id: str
+    annotator_id: str
+    annotator_firm_id: str
+    annotator_region: str
+    gold: bool = False

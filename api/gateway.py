@@ -31,9 +31,10 @@ Factory = Callable[[Settings, Runtime], FastAPI]
 
 def service_factories() -> dict[str, Factory]:
     """The services this build contains, in start-up order (membership first: it holds keys)."""
+    from services.marketplace.app import create_app as marketplace
     from services.membership.app import create_app as membership
 
-    return {"membership": membership}
+    return {"membership": membership, "marketplace": marketplace}
 
 
 class Gateway:

@@ -1,0 +1,43 @@
+"""The marketplace service: annotation tasks, items, and leased assignments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from services.kit.app import KitModels, ServiceSpec, create_service_app
+from services.kit.runtime import Runtime
+from services.kit.settings import Settings
+from services.marketplace import consumers, routes
+from services.marketplace.models import (
+    MarketplaceIdempotencyKey,
+    MarketplaceOutbox,
+    MarketplaceProcessedEvent,
+)
+
+SPEC = ServiceSpec(
+    name="marketplace",
+    title="OneCluster task marketplace",
+    description=(
+        "Data-annotation tasks posted in a cluster, their items and gold items, and open "
+        "allocation of leased assignments to eligible member firms' annotators."
+    ),
+    routers=[routes.router],
+    models=KitModels(
+        outbox=MarketplaceOutbox,
+        idempotency=MarketplaceIdempotencyKey,
+        processed_events=MarketplaceProcessedEvent,
+    ),
+    migrations_dir=Path(__file__).parent / "migrations",
+    on_startup=[consumers.on_startup],
+    openapi_tags=[
+        {"name": "tasks", "description": "Annotation tasks and their life cycle"},
+        {"name": "items", "description": "Bulk import of items and gold items"},
+        {"name": "assignments", "description": "Claim, release and submit leased items"},
+    ],
+)
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    return create_service_app(SPEC, settings, runtime)

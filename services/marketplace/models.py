@@ -1,0 +1,152 @@
+"""Marketplace tables: the local read model of membership, tasks, items, assignments.
+
+The read model (``firms``, ``firm_members``, ``cluster_members``) is written only by
+``consumers.py`` from membership's events; nothing here reads membership's database.
+Each read-model row remembers the id of the event that last wrote it: ids are
+time-ordered, so an older event delivered late (at-least-once, unordered across
+replicas) never overwrites a newer one.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import registry
+from sqlmodel import JSON, Field, SQLModel
+
+from services.kit.db import UTCDateTime, utcnow
+from services.kit.idempotency import IdempotencyFields
+from services.kit.outbox import OutboxFields, ProcessedEventFields
+
+
+class MarketplaceBase(SQLModel, registry=registry()):
+    pass
+
+
+def _ts(**kw: Any) -> Any:
+    return Field(sa_type=UTCDateTime, **kw)
+
+
+def _created() -> Any:
+    return Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+# -- read model (from membership events) ---------------------------------------------
+class KnownFirm(MarketplaceBase, table=True):
+    __tablename__ = "firms"
+    id: str = Field(primary_key=True, max_length=40)
+    name: str = Field(max_length=200)
+    region: str = Field(max_length=10)
+    city: str = Field(max_length=120)
+    actor_type: str = Field(max_length=40)
+    industries: list[str] = Field(default_factory=list, sa_type=JSON)
+    event_id: str = Field(max_length=40)
+
+
+class KnownFirmMember(MarketplaceBase, table=True):
+    __tablename__ = "firm_members"
+    firm_id: str = Field(primary_key=True, max_length=40)
+    user_id: str = Field(primary_key=True, max_length=40, index=True)
+    role: str = Field(max_length=16)
+    active: bool = True
+    event_id: str = Field(max_length=40)
+
+
+class KnownClusterMember(MarketplaceBase, table=True):
+    __tablename__ = "cluster_members"
+    cluster_id: str = Field(primary_key=True, max_length=40)
+    firm_id: str = Field(primary_key=True, max_length=40, index=True)
+    active: bool = True
+    event_id: str = Field(max_length=40)
+
+
+# -- tasks ---------------------------------------------------------------------------
+class Task(MarketplaceBase, table=True):
+    __tablename__ = "tasks"
+    id: str = Field(primary_key=True, max_length=40)
+    cluster_id: str = Field(max_length=40, index=True)
+    requester_firm_id: str = Field(max_length=40, index=True)
+    created_by: str = Field(max_length=64)
+    title: str = Field(max_length=200)
+    instructions: str = Field(default="", max_length=20000)
+    kind: str = Field(max_length=20)
+    label_schema: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    allocation: str = Field(default="open", max_length=16)
+    reward_per_annotation: int
+    overlap: int
+    lease_seconds: int
+    review_period_seconds: int
+    deadline: datetime | None = _ts(default=None)
+    allowed_regions: list[str] = Field(default_factory=list, sa_type=JSON)
+    allowed_actor_types: list[str] = Field(default_factory=list, sa_type=JSON)
+    min_reputation: float | None = None
+    gold_rate: float = 0.0
+    state: str = Field(default="draft", max_length=16, index=True)
+    item_count: int = 0
+    gold_count: int = 0
+    created_at: datetime = _created()
+    updated_at: datetime = _created()
+    published_at: datetime | None = _ts(default=None)
+    closed_at: datetime | None = _ts(default=None)
+
+
+class Item(MarketplaceBase, table=True):
+    __tablename__ = "items"
+    __table_args__ = (sa.Index("ix_items_claimable", "task_id", "gold", "complete", "id"),)
+    id: str = Field(primary_key=True, max_length=40)
+    task_id: str = Field(foreign_key="tasks.id", max_length=40)
+    external_id: str | None = Field(default=None, max_length=200)
+    input: dict[str, Any] = Field(sa_type=JSON)
+    gold: bool = False
+    gold_answer: Any | None = Field(default=None, sa_type=JSON)
+    submitted: int = 0
+    """Submitted (non-gold) annotations; kept under the item's row lock."""
+    complete: bool = False
+    """``submitted`` reached the task's overlap: claims skip the item through the index."""
+    created_at: datetime = _created()
+
+
+class Assignment(MarketplaceBase, table=True):
+    """One annotator's lease on one item, and later their answer.
+
+    ``leased`` counts against the item's overlap only while ``expires_at`` is ahead;
+    an expired lease is free again without anyone having to sweep it. The unique
+    (item, annotator) pair is the database's own guarantee that nobody gets an item
+    twice, released or expired leases included.
+    """
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        sa.UniqueConstraint("item_id", "annotator_id"),
+        sa.Index("ix_assignments_item_status", "item_id", "status", "expires_at"),
+        sa.Index("ix_assignments_task_annotator", "task_id", "annotator_id", "status"),
+    )
+    id: str = Field(primary_key=True, max_length=40)
+    task_id: str = Field(foreign_key="tasks.id", max_length=40)
+    item_id: str = Field(foreign_key="items.id", max_length=40)
+    annotator_id: str = Field(max_length=40)
+    annotator_firm_id: str = Field(max_length=40)
+    gold: bool = False
+    status: str = Field(default="leased", max_length=16)  # leased | submitted | released
+    leased_at: datetime = _created()
+    expires_at: datetime = _ts()
+    submitted_at: datetime | None = _ts(default=None)
+    answer: Any | None = Field(default=None, sa_type=JSON)
+
+
+# -- kit tables ----------------------------------------------------------------------
+class MarketplaceOutbox(OutboxFields, MarketplaceBase, table=True):
+    __tablename__ = "outbox"
+
+
+class MarketplaceIdempotencyKey(IdempotencyFields, MarketplaceBase, table=True):
+    __tablename__ = "idempotency_keys"
+
+
+class MarketplaceProcessedEvent(ProcessedEventFields, MarketplaceBase, table=True):
+    __tablename__ = "processed_events"
+
+
+metadata = MarketplaceBase.metadata

@@ -1,0 +1,168 @@
+"""API shapes of the marketplace service (requests and responses, not the tables)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from api.events import ActorType
+from services.marketplace.kinds import Kind
+
+Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Instructions = Annotated[str, StringConstraints(max_length=20000)]
+Region = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}-[A-Z0-9]{1,3}$")]
+TaskState = Literal["draft", "open", "paused", "completed", "cancelled"]
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MAX_CLAIM = 100
+MAX_ITEMS_PER_IMPORT = 10_000
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Eligibility(Request):
+    """Which member firms' annotators may see and claim an open task (empty = any)."""
+
+    regions: list[Region] = Field(default_factory=list, max_length=50, examples=[["CN-SX"]])
+    actor_types: list[ActorType] = Field(default_factory=list, max_length=11)
+    min_reputation: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="stored now; enforced once reputation exists (a later release)",
+    )
+
+
+class TaskCreate(Request):
+    cluster_id: str = Field(min_length=1, max_length=64)
+    title: Title = Field(examples=["Sentiment of product reviews"])
+    instructions: Instructions = ""
+    kind: Kind
+    label_schema: dict[str, Any] = Field(
+        examples=[{"labels": ["positive", "negative", "neutral"]}],
+        description="per kind: see the kinds table in the API docs",
+    )
+    reward_per_annotation: int = Field(ge=0, le=1_000_000, description="credits per annotation")
+    overlap: int = Field(1, ge=1, le=10, description="annotations wanted per item")
+    lease_seconds: int = Field(600, ge=1, le=86_400, description="how long a claim holds")
+    review_period_seconds: int = Field(259_200, ge=60, le=2_592_000)
+    deadline: datetime | None = None
+    eligibility: Eligibility = Field(default_factory=Eligibility)
+    gold_rate: float = Field(0.0, ge=0, le=0.5, description="share of gold items in claims")
+
+
+class TaskUpdate(Request):
+    """Changes to a draft."""
+
+    title: Title | None = None
+    instructions: Instructions | None = None
+    label_schema: dict[str, Any] | None = None
+    reward_per_annotation: int | None = Field(None, ge=0, le=1_000_000)
+    overlap: int | None = Field(None, ge=1, le=10)
+    lease_seconds: int | None = Field(None, ge=1, le=86_400)
+    review_period_seconds: int | None = Field(None, ge=60, le=2_592_000)
+    deadline: datetime | None = None
+    eligibility: Eligibility | None = None
+    gold_rate: float | None = Field(None, ge=0, le=0.5)
+
+
+class TaskOut(BaseModel):
+    id: str
+    cluster_id: str
+    requester_firm_id: str
+    title: str
+    instructions: str
+    kind: Kind
+    label_schema: dict[str, Any]
+    allocation: Literal["open", "contracted"]
+    reward_per_annotation: int
+    overlap: int
+    lease_seconds: int
+    review_period_seconds: int
+    deadline: datetime | None
+    eligibility: Eligibility
+    gold_rate: float
+    state: TaskState
+    item_count: int
+    gold_count: int | None = Field(None, description="shown to the requester only")
+    created_at: datetime
+    published_at: datetime | None
+
+
+# -- items ---------------------------------------------------------------------------
+class ItemIn(Request):
+    """One line of an import: the input, and for a gold item its known answer."""
+
+    input: dict[str, Any]
+    external_id: str | None = Field(None, max_length=200)
+    gold: bool = False
+    answer: Any | None = Field(None, description="the known answer; required for gold items")
+
+
+class RejectedLine(BaseModel):
+    index: int = Field(description="0-based position in the array or JSONL body")
+    reason: str
+
+
+class ImportResult(BaseModel):
+    imported: int
+    gold: int
+    rejected: list[RejectedLine]
+    item_count: int = Field(description="items of the task after the import")
+
+
+class ItemOut(BaseModel):
+    id: str
+    external_id: str | None
+    input: dict[str, Any]
+    gold: bool
+    answer: Any | None = None
+    created_at: datetime
+
+
+# -- assignments ---------------------------------------------------------------------
+class Claim(Request):
+    count: int = Field(1, ge=1, le=MAX_CLAIM)
+
+
+class ClaimedItem(BaseModel):
+    """What an annotator sees: never whether the item is gold, nor its known answer."""
+
+    assignment_id: str
+    item_id: str
+    input: dict[str, Any]
+    expires_at: datetime
+
+
+class ClaimResult(BaseModel):
+    assignments: list[ClaimedItem]
+
+
+class Release(Request):
+    assignment_ids: list[ItemId] = Field(min_length=1, max_length=MAX_CLAIM)
+
+
+class ReleaseResult(BaseModel):
+    released: int
+
+
+class AnswerIn(Request):
+    assignment_id: ItemId
+    answer: Any
+
+
+class Submit(Request):
+    answers: list[AnswerIn] = Field(min_length=1, max_length=MAX_CLAIM)
+
+
+class SubmittedOut(BaseModel):
+    assignment_id: str
+    item_id: str
+    submitted_at: datetime
+
+
+class SubmitResult(BaseModel):
+    submitted: list[SubmittedOut]

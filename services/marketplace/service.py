@@ -1,0 +1,656 @@
+"""Domain logic of the marketplace: tasks, item import, open allocation of leased items.
+
+Functions take the session first and only ``flush()``; the request's session
+dependency owns the transaction. Who may do what is decided here from the local read
+model (``firms``, ``firm_members``, ``cluster_members``), never from membership's
+database.
+
+Locking (see ARCHITECTURE.md, "Marketplace"): every change to an item's assignments
+happens while its row in ``items`` is locked. A claim takes candidate items ``FOR
+UPDATE SKIP LOCKED`` and counts their assignments again *after* the lock, in a new
+statement (a fresh READ COMMITTED snapshot), so a claim that committed meanwhile is
+seen; a submit locks its items (waiting) before checking that the lease is still live.
+On SQLite ``FOR UPDATE`` renders as nothing and ``BEGIN IMMEDIATE`` serialises every
+transaction, which gives the same guarantees one writer at a time.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col, select
+
+from api.events import AssignmentSubmittedV1, TaskPublishedV1
+from services.kit.auth import Principal
+from services.kit.db import utcnow
+from services.kit.errors import Conflict, Forbidden, InvalidState, NotFound, Unprocessable
+from services.kit.ids import new_id
+from services.kit.outbox import emit
+from services.marketplace import kinds
+from services.marketplace.models import (
+    Assignment,
+    Item,
+    KnownClusterMember,
+    KnownFirm,
+    KnownFirmMember,
+    MarketplaceOutbox,
+    Task,
+)
+from services.marketplace.schemas import MAX_ITEMS_PER_IMPORT, Eligibility, ItemIn
+
+REQUESTER_ADMINS = frozenset({"owner", "admin"})
+MAX_REPORTED_ERRORS = 1000
+
+# action → (states it is allowed from, the state it leads to)
+TRANSITIONS: dict[str, tuple[frozenset[str], str]] = {
+    "publish": (frozenset({"draft"}), "open"),
+    "pause": (frozenset({"open"}), "paused"),
+    "resume": (frozenset({"paused"}), "open"),
+    "complete": (frozenset({"open", "paused"}), "completed"),
+    "cancel": (frozenset({"draft", "open", "paused"}), "cancelled"),
+}
+IMPORTABLE_STATES = frozenset({"draft", "open", "paused"})
+SUBMITTABLE_STATES = frozenset({"open", "paused"})
+
+
+@dataclass
+class TaskAccess:
+    """A task as one caller may see it: as its requester, or as an eligible annotator firm."""
+
+    task: Task
+    requester: bool
+    role: str  # the caller's firm role, or "client" for an integrator
+
+
+# -- access --------------------------------------------------------------------------
+async def acting_role(session: AsyncSession, principal: Principal) -> str | None:
+    """The caller's role in its acting firm per the read model; None if not an active member."""
+    if principal.firm_id is None:
+        return None
+    if principal.kind == "client":
+        return "client"
+    member = await session.get(KnownFirmMember, (principal.firm_id, principal.subject))
+    if member is None or not member.active:
+        return None
+    return member.role
+
+
+async def is_cluster_member(session: AsyncSession, cluster_id: str, firm_id: str) -> bool:
+    row = await session.get(KnownClusterMember, (cluster_id, firm_id))
+    return row is not None and row.active
+
+
+def eligible(task: Task, firm: KnownFirm) -> bool:
+    """Region and actor type; minimum reputation waits for the reputation release."""
+    if task.allowed_regions and firm.region not in task.allowed_regions:
+        return False
+    return not (task.allowed_actor_types and firm.actor_type not in task.allowed_actor_types)
+
+
+async def task_access(
+    session: AsyncSession, principal: Principal, task_id: str, *, lock: bool = False
+) -> TaskAccess:
+    """The task and how the caller relates to it; 404 for anyone who may not see it."""
+    role = await acting_role(session, principal)
+    query = select(Task).where(Task.id == task_id)
+    if lock:
+        query = query.with_for_update()
+    task = (await session.execute(query)).scalar_one_or_none()
+    if task is None or role is None or principal.firm_id is None:
+        raise NotFound("No task with this id.")
+    if task.requester_firm_id == principal.firm_id:
+        return TaskAccess(task, requester=True, role=role)
+    if task.state == "draft" or not await is_cluster_member(
+        session, task.cluster_id, principal.firm_id
+    ):
+        raise NotFound("No task with this id.")
+    firm = await session.get(KnownFirm, principal.firm_id)
+    if firm is None or not eligible(task, firm):
+        raise NotFound("No task with this id.")
+    return TaskAccess(task, requester=False, role=role)
+
+
+def require_requester_admin(access: TaskAccess) -> None:
+    """Changing a task: the requester firm's owners and admins, or its integrator clients."""
+    if not access.requester:
+        raise Forbidden("Only the requester firm may change this task.")
+    if access.role not in REQUESTER_ADMINS and access.role != "client":
+        raise Forbidden("Needs the requester firm's owner or admin role.")
+
+
+def require_annotator(principal: Principal, access: TaskAccess) -> None:
+    """Working on a task: a user of an eligible member firm other than the requester."""
+    if principal.kind != "user":
+        raise Forbidden("Annotation needs a user's token, not a client's.")
+    if access.requester:
+        raise Forbidden("A firm does not annotate its own task.")
+
+
+# -- tasks ---------------------------------------------------------------------------
+async def create_task(
+    session: AsyncSession, principal: Principal, *, cluster_id: str, fields: dict[str, Any]
+) -> Task:
+    """A draft task in a cluster the acting firm belongs to."""
+    role = await acting_role(session, principal)
+    firm_id = principal.firm_id
+    if role is None or firm_id is None or not await is_cluster_member(session, cluster_id, firm_id):
+        raise NotFound("No cluster with this id among your firm's clusters.")
+    if role not in REQUESTER_ADMINS and role != "client":
+        raise Forbidden("Posting a task needs the firm's owner or admin role.")
+    eligibility: Eligibility = fields.pop("eligibility")
+    schema = _label_schema(fields["kind"], fields.pop("label_schema"))
+    now = utcnow()
+    task = Task(
+        id=new_id("task"),
+        cluster_id=cluster_id,
+        requester_firm_id=firm_id,
+        created_by=principal.subject,
+        label_schema=schema,
+        allowed_regions=eligibility.regions,
+        allowed_actor_types=list(eligibility.actor_types),
+        min_reputation=eligibility.min_reputation,
+        created_at=now,
+        updated_at=now,
+        **fields,
+    )
+    _check_deadline(task.deadline, now)
+    session.add(task)
+    await session.flush()
+    return task
+
+
+async def update_task(
+    session: AsyncSession, principal: Principal, task_id: str, *, fields: dict[str, Any]
+) -> Task:
+    """Change a draft; a published task keeps the terms its annotators saw."""
+    access = await task_access(session, principal, task_id, lock=True)
+    require_requester_admin(access)
+    task = access.task
+    if task.state != "draft":
+        raise InvalidState("Only a draft can be changed.", state=task.state)
+    if "eligibility" in fields:
+        eligibility: Eligibility | None = fields.pop("eligibility")
+        if eligibility is not None:
+            task.allowed_regions = eligibility.regions
+            task.allowed_actor_types = list(eligibility.actor_types)
+            task.min_reputation = eligibility.min_reputation
+    if fields.get("label_schema") is not None:
+        fields["label_schema"] = _label_schema(task.kind, fields["label_schema"])
+        if task.gold_count:
+            raise Conflict("The label schema cannot change once gold items exist.")
+    for name, value in fields.items():
+        if value is not None or name == "deadline":
+            setattr(task, name, value)
+    _check_deadline(task.deadline, utcnow())
+    task.updated_at = utcnow()
+    await session.flush()
+    return task
+
+
+async def transition_task(
+    session: AsyncSession, principal: Principal, task_id: str, action: str
+) -> Task:
+    """Move a task along draft → open ⇄ paused → completed | cancelled; 409 otherwise."""
+    access = await task_access(session, principal, task_id, lock=True)
+    require_requester_admin(access)
+    task = access.task
+    allowed_from, target = TRANSITIONS[action]
+    if task.state not in allowed_from:
+        raise InvalidState(f"A {task.state} task cannot {action}.", state=task.state)
+    now = utcnow()
+    if action == "publish":
+        if task.item_count - task.gold_count < 1:
+            raise InvalidState("Import at least one non-gold item first.", state=task.state)
+        _check_deadline(task.deadline, now)
+        firm = await session.get(KnownFirm, task.requester_firm_id)
+        task.published_at = now
+        emit(
+            session,
+            MarketplaceOutbox,
+            TaskPublishedV1(
+                task_id=task.id,
+                cluster_id=task.cluster_id,
+                requester_firm_id=task.requester_firm_id,
+                requester_region=firm.region if firm else "",
+                requester_industries=list(firm.industries) if firm else [],
+                kind=task.kind,
+                allocation=task.allocation,
+                reward_per_annotation=task.reward_per_annotation,
+                overlap=task.overlap,
+                item_count=task.item_count - task.gold_count,
+                deadline=task.deadline,
+            ),
+        )
+    if target in ("completed", "cancelled"):
+        task.closed_at = now
+    task.state = target
+    task.updated_at = now
+    await session.flush()
+    return task
+
+
+async def list_tasks(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    cluster_id: str | None,
+    state: str | None,
+    limit: int,
+    after: str | None,
+) -> tuple[list[Task], bool]:
+    """Tasks the caller may see, newest id last; the flag says whether more follow."""
+    role = await acting_role(session, principal)
+    firm_id = principal.firm_id
+    if role is None or firm_id is None:
+        return [], False
+    firm = await session.get(KnownFirm, firm_id)
+    clusters = select(KnownClusterMember.cluster_id).where(
+        KnownClusterMember.firm_id == firm_id, col(KnownClusterMember.active).is_(True)
+    )
+    query = select(Task).where(
+        sa.or_(
+            col(Task.requester_firm_id) == firm_id,
+            sa.and_(col(Task.cluster_id).in_(clusters), col(Task.state) != "draft"),
+        )
+    )
+    if cluster_id:
+        query = query.where(Task.cluster_id == cluster_id)
+    if state:
+        query = query.where(Task.state == state)
+    out: list[Task] = []
+    while len(out) <= limit:
+        page = query.order_by(col(Task.id)).limit(limit + 1)
+        if after:
+            page = page.where(Task.id > after)
+        rows = list((await session.execute(page)).scalars())
+        for task in rows:
+            if task.requester_firm_id == firm_id or (firm is not None and eligible(task, firm)):
+                out.append(task)
+        if len(rows) <= limit:
+            break
+        after = rows[-1].id
+    return out[:limit], len(out) > limit
+
+
+# -- items ---------------------------------------------------------------------------
+async def import_items(
+    session: AsyncSession,
+    principal: Principal,
+    task_id: str,
+    lines: Sequence[Any],
+    *,
+    partial: bool,
+) -> tuple[Task, int, int, list[tuple[int, str]]]:
+    """Validate and bulk-insert items; all or nothing unless ``partial``.
+
+    Returns the task, how many items and gold items went in, and the rejected lines.
+    """
+    task = await require_item_writer(session, principal, task_id)
+    if len(lines) > MAX_ITEMS_PER_IMPORT:
+        raise Unprocessable(f"At most {MAX_ITEMS_PER_IMPORT} items per request.")
+    now = utcnow()
+    rows: list[dict[str, Any]] = []
+    rejected: list[tuple[int, str]] = []
+    for index, raw in enumerate(lines):
+        try:
+            rows.append(_item_row(task, raw, now))
+        except kinds.InvalidAnswer as exc:
+            rejected.append((index, str(exc)))
+    if rejected and not partial:
+        raise Unprocessable(
+            f"{len(rejected)} of {len(lines)} items were rejected; nothing was imported.",
+            rejected=[{"index": i, "reason": r} for i, r in rejected[:MAX_REPORTED_ERRORS]],
+            rejected_count=len(rejected),
+        )
+    gold = sum(1 for row in rows if row["gold"])
+    if rows:
+        await session.execute(sa.insert(Item), rows)
+        task.item_count += len(rows)
+        task.gold_count += gold
+        task.updated_at = now
+        await session.flush()
+    return task, len(rows), gold, rejected
+
+
+async def require_item_writer(session: AsyncSession, principal: Principal, task_id: str) -> Task:
+    """The task, locked, if the caller may add items to it now (checked before the body)."""
+    access = await task_access(session, principal, task_id, lock=True)
+    require_requester_admin(access)
+    if access.task.state not in IMPORTABLE_STATES:
+        raise InvalidState(
+            f"Items cannot be added to a {access.task.state} task.", state=access.task.state
+        )
+    return access.task
+
+
+def _item_row(task: Task, raw: Any, now: datetime) -> dict[str, Any]:
+    try:
+        line = ItemIn.model_validate(raw)
+    except ValueError as exc:
+        errors = getattr(exc, "errors", None)
+        if callable(errors):
+            first = errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise kinds.InvalidAnswer(
+                f"{where}: {first['msg']}" if where else first["msg"]
+            ) from None
+        raise kinds.InvalidAnswer(str(exc)) from None
+    item_input = kinds.validate_input(task.kind, line.input)
+    answer = None
+    if line.gold:
+        if line.answer is None:
+            raise kinds.InvalidAnswer("a gold item needs its known answer")
+        answer = kinds.validate_answer(task.kind, task.label_schema, item_input, line.answer)
+    elif line.answer is not None:
+        raise kinds.InvalidAnswer("only gold items carry an answer")
+    return {
+        "id": new_id("item"),
+        "task_id": task.id,
+        "external_id": line.external_id,
+        "input": item_input,
+        "gold": line.gold,
+        "gold_answer": answer,
+        "submitted": 0,
+        "complete": False,
+        "created_at": now,
+    }
+
+
+async def list_items(
+    session: AsyncSession, principal: Principal, task_id: str, *, limit: int, after: str | None
+) -> list[Item]:
+    """The task's items with gold answers: the requester firm only."""
+    access = await task_access(session, principal, task_id)
+    require_requester_admin(access)  # gold answers are in there
+    query = select(Item).where(Item.task_id == task_id).order_by(col(Item.id)).limit(limit + 1)
+    if after:
+        query = query.where(Item.id > after)
+    return list((await session.execute(query)).scalars())
+
+
+# -- assignments ---------------------------------------------------------------------
+async def claim_assignments(
+    session: AsyncSession, principal: Principal, task_id: str, *, count: int
+) -> list[tuple[Assignment, Item]]:
+    """Lease up to ``count`` items to the caller, gold mixed in at the task's rate."""
+    access = await task_access(session, principal, task_id)
+    require_annotator(principal, access)
+    task = access.task
+    if task.state != "open":
+        raise InvalidState(f"A {task.state} task hands out no work.", state=task.state)
+    now = utcnow()
+    if task.deadline is not None and task.deadline <= now:
+        raise InvalidState("The task's deadline has passed.", state=task.state)
+    assert principal.firm_id is not None
+    wanted_gold = 0
+    if task.gold_count and task.gold_rate > 0:
+        wanted_gold = sum(1 for _ in range(count) if random.random() < task.gold_rate)
+    claimed = await _allocate(session, task, principal, gold=True, count=wanted_gold, now=now)
+    claimed += await _allocate(
+        session, task, principal, gold=False, count=count - len(claimed), now=now
+    )
+    await session.flush()
+    return claimed
+
+
+def _live_or_finished(now: datetime) -> Any:
+    """Assignments that count against an item's overlap: submitted, or leased and unexpired."""
+    return sa.or_(
+        col(Assignment.status) == "submitted",
+        sa.and_(col(Assignment.status) == "leased", col(Assignment.expires_at) > now),
+    )
+
+
+async def _allocate(
+    session: AsyncSession,
+    task: Task,
+    principal: Principal,
+    *,
+    gold: bool,
+    count: int,
+    now: datetime,
+) -> list[tuple[Assignment, Item]]:
+    """Lock free items SKIP LOCKED, recount them under the lock, lease the ones still free.
+
+    Gold items are checks, not work: every annotator may get each one once, so the
+    overlap does not cap them.
+    """
+    out: list[tuple[Assignment, Item]] = []
+    me = principal.subject
+    passed: list[str] = []
+    for _ in range(5):  # items dropped at the recount are replaced by another round
+        need = count - len(out)
+        if need <= 0:
+            break
+        mine = sa.exists().where(
+            col(Assignment.item_id) == col(Item.id), col(Assignment.annotator_id) == me
+        )
+        query = (
+            select(Item)
+            .where(
+                Item.task_id == task.id,
+                col(Item.gold).is_(gold),
+                col(Item.complete).is_(False),
+                ~mine,
+            )
+            .order_by(col(Item.id))
+            .limit(need)
+            .with_for_update(skip_locked=True, of=Item)
+        )
+        if not gold:
+            taken = (
+                select(sa.func.count())
+                .where(Assignment.item_id == Item.id, _live_or_finished(now))
+                .scalar_subquery()
+            )
+            query = query.where(taken < task.overlap)
+        if passed:
+            query = query.where(col(Item.id).not_in(passed))
+        items = list((await session.execute(query)).scalars())
+        if not items:
+            break
+        ids = [item.id for item in items]
+        # A new statement now that the rows are ours: it sees claims committed meanwhile.
+        counts = dict(
+            (
+                await session.execute(
+                    select(Assignment.item_id, sa.func.count())
+                    .where(col(Assignment.item_id).in_(ids), _live_or_finished(now))
+                    .group_by(col(Assignment.item_id))
+                )
+            ).all()
+        )
+        seen = set(
+            (
+                await session.execute(
+                    select(Assignment.item_id).where(
+                        col(Assignment.item_id).in_(ids), Assignment.annotator_id == me
+                    )
+                )
+            ).scalars()
+        )
+        expires = now + timedelta(seconds=task.lease_seconds)
+        for item in items:
+            passed.append(item.id)
+            if item.id in seen or (not gold and counts.get(item.id, 0) >= task.overlap):
+                continue
+            assignment = Assignment(
+                id=new_id("asg"),
+                task_id=task.id,
+                item_id=item.id,
+                annotator_id=me,
+                annotator_firm_id=principal.firm_id or "",
+                gold=gold,
+                leased_at=now,
+                expires_at=expires,
+            )
+            session.add(assignment)
+            out.append((assignment, item))
+        if len(items) < need:
+            break
+    return out
+
+
+async def release_assignments(
+    session: AsyncSession, principal: Principal, task_id: str, assignment_ids: Sequence[str]
+) -> int:
+    """Hand live leases back; the items go to other annotators (never back to the caller)."""
+    access = await task_access(session, principal, task_id)
+    require_annotator(principal, access)
+    assignments = await _my_assignments(session, principal, task_id, assignment_ids)
+    now = utcnow()
+    for assignment in assignments:
+        if assignment.status != "leased" or assignment.expires_at <= now:
+            state = "expired" if assignment.status == "leased" else assignment.status
+            raise InvalidState(
+                f"Assignment {assignment.id} is {state}.", state=state, assignment_id=assignment.id
+            )
+    result = await session.execute(
+        sa.update(Assignment)
+        .where(
+            col(Assignment.id).in_([a.id for a in assignments]),
+            col(Assignment.status) == "leased",
+            col(Assignment.expires_at) > now,
+        )
+        .values(status="released")
+    )
+    released = int(getattr(result, "rowcount", 0) or 0)
+    if released != len(assignments):  # a concurrent submit or release of the same lease won
+        raise Conflict("Some of these leases changed meanwhile; nothing was released.")
+    return released
+
+
+async def submit_answers(
+    session: AsyncSession,
+    principal: Principal,
+    task_id: str,
+    answers: Sequence[tuple[str, Any]],
+) -> list[Assignment]:
+    """Record answers to live leases; a bad answer is a 422 and every lease stays."""
+    access = await task_access(session, principal, task_id)
+    require_annotator(principal, access)
+    task = access.task
+    if task.state not in SUBMITTABLE_STATES:
+        raise InvalidState(f"A {task.state} task takes no answers.", state=task.state)
+    ids = [assignment_id for assignment_id, _ in answers]
+    if len(set(ids)) != len(ids):
+        raise Unprocessable("An assignment appears twice in one submission.")
+    found = await _my_assignments(session, principal, task_id, ids)
+    item_ids = sorted({a.item_id for a in found})
+    # Lock the items (waiting, in id order) so an expiring lease and a claim of its item
+    # are decided one after the other; then read the leases again, after the lock.
+    items = {
+        item.id: item
+        for item in (
+            await session.execute(
+                select(Item)
+                .where(col(Item.id).in_(item_ids))
+                .order_by(col(Item.id))
+                .with_for_update()
+            )
+        ).scalars()
+    }
+    by_id = {
+        a.id: a
+        for a in (
+            await session.execute(
+                select(Assignment)
+                .where(col(Assignment.id).in_(ids))
+                .execution_options(populate_existing=True)
+            )
+        ).scalars()
+    }
+    now = utcnow()
+    errors: list[dict[str, Any]] = []
+    for index, (assignment_id, answer) in enumerate(answers):
+        assignment = by_id[assignment_id]
+        if assignment.status == "submitted":
+            raise InvalidState(
+                f"Assignment {assignment_id} was already submitted.",
+                state="submitted",
+                assignment_id=assignment_id,
+            )
+        if assignment.status != "leased" or assignment.expires_at <= now:
+            state = "expired" if assignment.status == "leased" else assignment.status
+            raise InvalidState(
+                f"Assignment {assignment_id} is {state}.", state=state, assignment_id=assignment_id
+            )
+        item = items[assignment.item_id]
+        try:
+            assignment.answer = kinds.validate_answer(
+                task.kind, task.label_schema, item.input, answer
+            )
+        except kinds.InvalidAnswer as exc:
+            errors.append({"index": index, "assignment_id": assignment_id, "reason": str(exc)})
+    if errors:
+        raise Unprocessable("Some answers do not fit the task's label schema.", answers=errors)
+    firm = await session.get(KnownFirm, principal.firm_id)
+    out = []
+    for assignment_id, _ in answers:
+        assignment = by_id[assignment_id]
+        assignment.status = "submitted"
+        assignment.submitted_at = now
+        item = items[assignment.item_id]
+        if not item.gold:
+            item.submitted += 1
+            item.complete = item.submitted >= task.overlap
+        emit(
+            session,
+            MarketplaceOutbox,
+            AssignmentSubmittedV1(
+                assignment_id=assignment.id,
+                task_id=task.id,
+                item_id=item.id,
+                cluster_id=task.cluster_id,
+                requester_firm_id=task.requester_firm_id,
+                annotator_id=assignment.annotator_id,
+                annotator_firm_id=assignment.annotator_firm_id,
+                annotator_region=firm.region if firm else "",
+                gold=item.gold,
+            ),
+        )
+        out.append(assignment)
+    await session.flush()
+    return out
+
+
+async def _my_assignments(
+    session: AsyncSession, principal: Principal, task_id: str, ids: Sequence[str]
+) -> list[Assignment]:
+    rows = list(
+        (
+            await session.execute(
+                select(Assignment).where(
+                    col(Assignment.id).in_(list(ids)),
+                    Assignment.task_id == task_id,
+                    Assignment.annotator_id == principal.subject,
+                )
+            )
+        ).scalars()
+    )
+    missing = sorted(set(ids) - {a.id for a in rows})
+    if missing:
+        raise NotFound(f"No assignment of yours with id {missing[0]} on this task.")
+    return rows
+
+
+# -- helpers -------------------------------------------------------------------------
+def _label_schema(kind: str, schema: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return kinds.validate_label_schema(kind, schema)  # type: ignore[arg-type]
+    except kinds.InvalidAnswer as exc:
+        raise Unprocessable(f"label_schema: {exc}") from None
+
+
+def _check_deadline(deadline: datetime | None, now: datetime) -> None:
+    if deadline is not None:
+        if deadline.tzinfo is None:
+            raise Unprocessable("deadline needs a time zone.")
+        if deadline <= now:
+            raise Unprocessable("deadline must be in the future.")
