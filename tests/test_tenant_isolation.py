@@ -21,6 +21,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from tests.marketplace_support import settle
 from tests.oauth_flow import bearer, login, sign_up
 
 FIRM = {"city": "C", "actor_type": "medium_enterprise", "industries": ["0301"]}
@@ -39,6 +40,13 @@ class Case:
 PUBLIC = {("POST", "/v1/users"), ("GET", "/v1/industries"), ("GET", "/v1/regions")}
 CLIENT = {"name": "ETL", "scope": "membership:read"}
 PARK = {"name": "Park", "region": "CN-BJ", "city": "Beijing", "capacity": 3}
+TASK = {
+    "cluster_id": "{cluster_id}",
+    "title": "Sentiment",
+    "kind": "single_label",
+    "label_schema": {"labels": ["x", "y"]},
+    "reward_per_annotation": 1,
+}
 
 CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/users/me"): Case(foreign=None),
@@ -116,6 +124,30 @@ CASES: dict[tuple[str, str], Case] = {
         body={"capacity": 9}, lower=("a2", 403)
     ),
     ("GET", "/v1/clusters/{cluster_id}/audit-events"): Case(lower=("a2", 403)),
+    # marketplace: a1 is the requester (fa1), a2 an annotator firm, a1x may read only
+    ("POST", "/v1/tasks"): Case(body=TASK, lower=("a1x", 403)),
+    ("GET", "/v1/tasks"): Case(foreign=None),
+    ("GET", "/v1/tasks/{task_id}"): Case(),
+    ("PATCH", "/v1/tasks/{task_id}"): Case(body={"title": "T"}, lower=("a1x", 403)),
+    ("POST", "/v1/tasks/{task_id}:publish"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/tasks/{task_id}:pause"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/tasks/{task_id}:resume"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/tasks/{task_id}:complete"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/tasks/{task_id}:cancel"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/tasks/{task_id}/items"): Case(
+        lower=("a1x", 403), note="access is settled before the body is read (bodies: items tests)"
+    ),
+    ("GET", "/v1/tasks/{task_id}/items"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/tasks/{task_id}/assignments:claim"): Case(
+        body={"count": 1}, lower=("a1x", 403), note="a firm does not annotate its own task"
+    ),
+    ("POST", "/v1/tasks/{task_id}/assignments:release"): Case(
+        body={"assignment_ids": ["{assignment_id}"]}, lower=("a1x", 403)
+    ),
+    ("POST", "/v1/tasks/{task_id}/assignments:submit"): Case(
+        body={"answers": [{"assignment_id": "{assignment_id}", "answer": {"label": "x"}}]},
+        lower=("a1x", 403),
+    ),
 }
 
 
@@ -194,6 +226,7 @@ def fill(path: str, w: dict[str, Any], overrides: dict[str, str] | None = None) 
         else w["firm_invitation_id"],
         "park_id": w["park_id"],
         "client_id": w["client_id"],
+        "task_id": w.get("task_id", ""),
     }
     if path.startswith("/v1/firms/{firm_id}/members/{user_id}"):
         params["user_id"] = w["a1_id"]  # the owner: an annotator may not touch it
@@ -206,16 +239,44 @@ def fill(path: str, w: dict[str, Any], overrides: dict[str, str] | None = None) 
 
 
 def body_for(case: Case, w: dict[str, Any]) -> dict[str, Any] | None:
+    """The case's body with ``"{name}"`` strings (at any depth) replaced from the world."""
     if case.body is None:
         return None
-    return {
-        k: (w[v[1:-1]] if isinstance(v, str) and v.startswith("{") else v)
-        for k, v in case.body.items()
-    }
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
+            return w[value[1:-1]]
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        return value
+
+    body: dict[str, Any] = resolve(case.body)
+    return body
+
+
+async def build_market_world(client: httpx.AsyncClient, w: dict[str, Any]) -> None:
+    """fa1 posts an open task in its cluster; fa2's owner a2 holds a lease on one item."""
+    a1 = bearer(w["a1"])
+    created = await client.post("/v1/tasks", json=body_for(Case(body=TASK), w), headers=a1)
+    assert created.status_code == 201, created.text
+    w["task_id"] = created.json()["id"]
+    items = [{"input": {"text": "a"}}, {"input": {"text": "b"}}]
+    imported = await client.post(f"/v1/tasks/{w['task_id']}/items", json=items, headers=a1)
+    assert imported.status_code == 200, imported.text
+    published = await client.post(f"/v1/tasks/{w['task_id']}:publish", headers=a1)
+    assert published.status_code == 200, published.text
+    claimed = await client.post(
+        f"/v1/tasks/{w['task_id']}/assignments:claim", json={"count": 1}, headers=bearer(w["a2"])
+    )
+    assert claimed.status_code == 200, claimed.text
+    w["assignment_id"] = claimed.json()["assignments"][0]["assignment_id"]
 
 
 async def snapshot(gateway: Any) -> dict[str, set[tuple[Any, ...]]]:
-    """Every membership row, except logs that refused calls may append to."""
+    """Every membership and marketplace row, except logs that refused calls may append to."""
+    from services.marketplace.models import metadata as marketplace_metadata
     from services.membership.models import metadata
 
     skip = {"audit_events", "idempotency_keys"}
@@ -232,6 +293,16 @@ async def snapshot(gateway: Any) -> dict[str, set[tuple[Any, ...]]]:
             )
         ).scalar()
         out["audit_success"] = {(audit,)}
+    # The marketplace's relay marks its outbox rows sent in the background: not a change.
+    skip_marketplace = {"idempotency_keys", "outbox", "processed_events"}
+    async with gateway.apps["marketplace"].state.db.sessionmaker() as session:
+        for name, table in marketplace_metadata.tables.items():
+            if name not in skip_marketplace:
+                rows = (await session.execute(sa.select(table))).all()
+                out[f"marketplace.{name}"] = {tuple(str(v) for v in row) for row in rows}
+        out["marketplace.outbox_count"] = {
+            ((await session.execute(sa.text("SELECT count(*) FROM outbox"))).scalar(),)
+        }
     return out
 
 
@@ -257,6 +328,9 @@ async def test_every_route_isolates_tenants_and_refuses_bad_input(
 
     a = await build_world(client, "alpha")
     b = await build_world(client, "beta")
+    await settle(gateway)  # the marketplace's read model knows both worlds
+    await build_market_world(client, a)
+    await build_market_world(client, b)
     before = await snapshot(gateway)
     failures: list[str] = []
 
@@ -283,6 +357,7 @@ async def test_every_route_isolates_tenants_and_refuses_bad_input(
                     "invitation_id",
                     "park_id",
                     "client_id",
+                    "task_id",
                 ):
                     unknown = unknown.replace("{" + name + "}", "zzz_00000000000000000000000000")
                 response = await call(method, unknown, a["a1"], body)

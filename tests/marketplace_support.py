@@ -1,0 +1,213 @@
+"""Builders for marketplace tests: a cluster with a requester, vendors and annotators.
+
+The marketplace learns firms and memberships from membership's events, after
+membership's commit (in-process bus or Redis Streams). :func:`settle` waits, with a
+bounded timeout, until the marketplace has applied every membership event so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+
+from tests.oauth_flow import bearer, invite_member, login, sign_up
+
+REQUESTER = {
+    "name": "Zhiyuan AI",
+    "region": "CN-BJ",
+    "city": "Beijing",
+    "actor_type": "large_enterprise",
+    "industries": ["0301", "0406"],
+}
+
+
+def vendor_profile(name: str, region: str, actor_type: str = "small_micro_enterprise") -> dict:
+    return {
+        "name": name,
+        "region": region,
+        "city": "City",
+        "actor_type": actor_type,
+        "industries": ["0304"],
+    }
+
+
+async def settle(gateway: Any, timeout: float = 15.0) -> None:
+    """Wait until the marketplace consumed every membership event published so far."""
+    from services.marketplace.consumers import CONSUMER, TYPES
+
+    membership = gateway.apps["membership"].state.db
+    marketplace = gateway.apps["marketplace"].state.db
+    deadline = time.monotonic() + timeout
+    while True:
+        async with membership.sessionmaker() as session:
+            wanted = set(
+                (
+                    await session.execute(
+                        sa.text("SELECT id, type FROM outbox"),
+                    )
+                ).all()
+            )
+        wanted_ids = {event_id for event_id, kind in wanted if kind in TYPES}
+        async with marketplace.sessionmaker() as session:
+            done = set(
+                (
+                    await session.execute(
+                        sa.text("SELECT event_id FROM processed_events WHERE consumer = :c"),
+                        {"c": CONSUMER},
+                    )
+                ).scalars()
+            )
+        if wanted_ids <= done:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"read model still lacks {len(wanted_ids - done)} events")
+        await asyncio.sleep(0.05)
+
+
+async def owner_of(client: httpx.AsyncClient, email: str, firm: dict) -> tuple[str, dict]:
+    """Sign up, register the firm, sign in acting for it; returns (firm id, tokens)."""
+    await sign_up(client, email)
+    tokens = await login(client, email)
+    created = await client.post("/v1/firms", json=firm, headers=bearer(tokens))
+    assert created.status_code == 201, created.text
+    firm_id = created.json()["id"]
+    return firm_id, await login(client, email, firm_id=firm_id)
+
+
+async def add_member(
+    client: httpx.AsyncClient, owner: dict, firm_id: str, email: str, role: str = "annotator"
+) -> dict:
+    """A new user with ``role`` in the firm; returns tokens acting for the firm."""
+    await sign_up(client, email)
+    tokens = await login(client, email)
+    await invite_member(client, owner, firm_id, tokens, email, role=role)
+    return await login(client, email, firm_id=firm_id)
+
+
+async def join(
+    client: httpx.AsyncClient, operator: dict, cluster_id: str, firm_id: str, owner: dict
+):
+    invited = await client.post(
+        f"/v1/clusters/{cluster_id}/invitations",
+        json={"firm_id": firm_id},
+        headers=bearer(operator),
+    )
+    assert invited.status_code == 201, invited.text
+    accepted = await client.post(
+        f"/v1/clusters/{cluster_id}/invitations/{invited.json()['id']}:accept",
+        headers=bearer(owner),
+    )
+    assert accepted.status_code == 200, accepted.text
+
+
+@dataclass
+class Market:
+    """Requester firm (CN-BJ, operator of the cluster) and vendor firms with annotators."""
+
+    cluster_id: str
+    requester_id: str
+    requester: dict
+    vendors: dict[str, str] = field(default_factory=dict)  # name → firm id
+    owners: dict[str, dict] = field(default_factory=dict)  # name → owner tokens
+    annotators: dict[str, list[dict]] = field(default_factory=dict)  # name → tokens
+
+
+async def build_market(
+    client: httpx.AsyncClient,
+    gateway: Any,
+    *,
+    tag: str = "m",
+    vendors: dict[str, str] | None = None,
+    annotators_per_vendor: int = 1,
+) -> Market:
+    vendors = vendors if vendors is not None else {"sx": "CN-SX", "nm": "CN-NM"}
+    requester_id, requester = await owner_of(client, f"req@{tag}.example", REQUESTER)
+    cluster = await client.post(
+        "/v1/clusters",
+        json={"name": f"{tag} cluster", "core_region": "CN-BJ"},
+        headers=bearer(requester),
+    )
+    assert cluster.status_code == 201, cluster.text
+    market = Market(cluster.json()["id"], requester_id, requester)
+    for name, region in vendors.items():
+        firm_id, owner = await owner_of(
+            client, f"owner-{name}@{tag}.example", vendor_profile(f"{tag}-{name}", region)
+        )
+        await join(client, requester, market.cluster_id, firm_id, owner)
+        market.vendors[name], market.owners[name] = firm_id, owner
+        market.annotators[name] = [
+            await add_member(client, owner, firm_id, f"ann{i}-{name}@{tag}.example")
+            for i in range(annotators_per_vendor)
+        ]
+    await settle(gateway)
+    return market
+
+
+def task_body(cluster_id: str, **overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "cluster_id": cluster_id,
+        "title": "Sentiment of reviews",
+        "instructions": "Pick the sentiment.",
+        "kind": "single_label",
+        "label_schema": {"labels": ["positive", "negative", "neutral"]},
+        "reward_per_annotation": 5,
+        "overlap": 2,
+        "lease_seconds": 600,
+    }
+    body.update(overrides)
+    return body
+
+
+async def open_task(
+    client: httpx.AsyncClient,
+    market: Market,
+    *,
+    items: int = 10,
+    gold: int = 0,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A published single-label task with ``items`` items and ``gold`` gold items."""
+    created = await client.post(
+        "/v1/tasks",
+        json=task_body(market.cluster_id, **overrides),
+        headers=bearer(market.requester),
+    )
+    assert created.status_code == 201, created.text
+    task = created.json()
+    lines = [{"input": {"text": f"review {i}"}, "external_id": f"r{i}"} for i in range(items)]
+    lines += [
+        {"input": {"text": f"review {items + i}"}, "gold": True, "answer": {"label": "negative"}}
+        for i in range(gold)
+    ]
+    imported = await client.post(
+        f"/v1/tasks/{task['id']}/items", json=lines, headers=bearer(market.requester)
+    )
+    assert imported.status_code == 200, imported.text
+    published = await client.post(
+        f"/v1/tasks/{task['id']}:publish", headers=bearer(market.requester)
+    )
+    assert published.status_code == 200, published.text
+    return published.json()
+
+
+async def claim(
+    client: httpx.AsyncClient, tokens: dict, task_id: str, count: int
+) -> httpx.Response:
+    return await client.post(
+        f"/v1/tasks/{task_id}/assignments:claim", json={"count": count}, headers=bearer(tokens)
+    )
+
+
+async def submit(
+    client: httpx.AsyncClient, tokens: dict, task_id: str, answers: list[tuple[str, Any]]
+) -> httpx.Response:
+    return await client.post(
+        f"/v1/tasks/{task_id}/assignments:submit",
+        json={"answers": [{"assignment_id": a, "answer": ans} for a, ans in answers]},
+        headers=bearer(tokens),
+    )
