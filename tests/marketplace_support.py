@@ -144,7 +144,8 @@ async def build_market(
             await add_member(client, owner, firm_id, f"ann{i}-{name}@{tag}.example")
             for i in range(annotators_per_vendor)
         ]
-    await settle(gateway)
+    if gateway is not None:  # a served process is waited for through its API instead
+        await settle(gateway)
     return market
 
 
