@@ -60,8 +60,24 @@ async def test_claim_submit_release_and_double_submission(
     assert len(leases) == 2 and len({lease["item_id"] for lease in leases}) == 2
     first, second = leases
 
+    events: list[Any] = []
+
+    async def record(envelope: Any) -> None:
+        if envelope.type == "assignment.submitted":
+            events.append(envelope.data)
+
+    gateway.runtime.bus.subscribe("test-submitted", record, sources=["marketplace"])
     done = await submit(client, ann, tid, [(first["assignment_id"], GOOD)])
     assert done.status_code == 200, done.text
+    for _ in range(200):
+        if events:
+            break
+        await asyncio.sleep(0.05)
+    assert len(events) == 1
+    assert events[0]["assignment_id"] == first["assignment_id"]
+    assert events[0]["item_id"] == first["item_id"]
+    assert events[0]["annotator_firm_id"] == market.vendors["sx"]
+    assert events[0]["annotator_region"] == "CN-SX" and events[0]["gold"] is False
     twice = await submit(client, ann, tid, [(first["assignment_id"], GOOD)])
     assert twice.status_code == 409 and twice.json()["state"] == "submitted"
     dup = await submit(

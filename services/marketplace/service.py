@@ -504,6 +504,10 @@ async def release_assignments(
     access = await task_access(session, principal, task_id)
     require_annotator(principal, access)
     assignments = await _my_assignments(session, principal, task_id, assignment_ids)
+    # Under the items' locks, like a submit: the same lease released and submitted at
+    # once is decided one way, never both.
+    await _lock_items(session, sorted({a.item_id for a in assignments}))
+    assignments = await _my_assignments(session, principal, task_id, assignment_ids, fresh=True)
     now = utcnow()
     for assignment in assignments:
         if assignment.status != "leased" or assignment.expires_at <= now:
@@ -545,17 +549,7 @@ async def submit_answers(
     item_ids = sorted({a.item_id for a in found})
     # Lock the items (waiting, in id order) so an expiring lease and a claim of its item
     # are decided one after the other; then read the leases again, after the lock.
-    items = {
-        item.id: item
-        for item in (
-            await session.execute(
-                select(Item)
-                .where(col(Item.id).in_(item_ids))
-                .order_by(col(Item.id))
-                .with_for_update()
-            )
-        ).scalars()
-    }
+    items = await _lock_items(session, item_ids)
     by_id = {
         a.id: a
         for a in (
@@ -620,20 +614,29 @@ async def submit_answers(
     return out
 
 
+async def _lock_items(session: AsyncSession, item_ids: Sequence[str]) -> dict[str, Item]:
+    """Lock items, waiting, in id order (two requests never wait on each other in a cycle)."""
+    query = select(Item).where(col(Item.id).in_(list(item_ids))).order_by(col(Item.id))
+    rows = await session.execute(query.with_for_update().execution_options(populate_existing=True))
+    return {item.id: item for item in rows.scalars()}
+
+
 async def _my_assignments(
-    session: AsyncSession, principal: Principal, task_id: str, ids: Sequence[str]
+    session: AsyncSession,
+    principal: Principal,
+    task_id: str,
+    ids: Sequence[str],
+    *,
+    fresh: bool = False,
 ) -> list[Assignment]:
-    rows = list(
-        (
-            await session.execute(
-                select(Assignment).where(
-                    col(Assignment.id).in_(list(ids)),
-                    Assignment.task_id == task_id,
-                    Assignment.annotator_id == principal.subject,
-                )
-            )
-        ).scalars()
+    query = select(Assignment).where(
+        col(Assignment.id).in_(list(ids)),
+        Assignment.task_id == task_id,
+        Assignment.annotator_id == principal.subject,
     )
+    if fresh:  # read again after a lock: another transaction may have changed them
+        query = query.execution_options(populate_existing=True)
+    rows = list((await session.execute(query)).scalars())
     missing = sorted(set(ids) - {a.id for a in rows})
     if missing:
         raise NotFound(f"No assignment of yours with id {missing[0]} on this task.")
