@@ -178,7 +178,7 @@ async def test_expired_lease_is_free_for_the_next_claim_without_a_sweeper(
 async def test_gold_items_are_mixed_in_and_never_revealed(
     client: httpx.AsyncClient, gateway
 ) -> None:
-    market = await build_market(client, gateway, tag="gold")
+    market = await build_market(client, gateway, tag="gold", annotators_per_vendor=2)
     task = await open_task(client, market, items=30, gold=10, overlap=1, gold_rate=0.5)
     tid = task["id"]
     ann = market.annotators["sx"][0]
@@ -200,9 +200,16 @@ async def test_gold_items_are_mixed_in_and_never_revealed(
     assert handed - gold_ids
     # Gold is a check, not work: it is not capped by the overlap, each annotator once.
     other = market.annotators["nm"][0]
-    theirs = {a["item_id"] for a in (await claim(client, other, tid, 40)).json()["assignments"]}
+    theirs: set[str] = set()
+    while batch := (await claim(client, other, tid, 40)).json()["assignments"]:
+        theirs |= {a["item_id"] for a in batch}
     assert not (theirs - gold_ids) & (handed - gold_ids)  # overlap 1 on real items
-    # Answers to gold items are checked like any other, and the task view hides gold counts.
+    assert (theirs | handed) - gold_ids == set(await _item_ids(gateway, tid))
+    # Gold rides along with real work only: with none left, a claim hands out nothing,
+    # though this annotator has seen no gold item yet.
+    third = market.annotators["sx"][1]
+    assert (await claim(client, third, tid, 40)).json()["assignments"] == []
+    # The task view hides gold counts from annotators.
     vendor_view = (await client.get(f"/v1/tasks/{tid}", headers=bearer(ann))).json()
     assert vendor_view["gold_count"] is None and vendor_view["item_count"] == 30
 

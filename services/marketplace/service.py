@@ -387,14 +387,18 @@ async def claim_assignments(
     now = utcnow()
     if task.deadline is not None and task.deadline <= now:
         raise InvalidState("The task's deadline has passed.", state=task.state)
-    assert principal.firm_id is not None
     wanted_gold = 0
     if task.gold_count and task.gold_rate > 0:
         wanted_gold = sum(1 for _ in range(count) if random.random() < task.gold_rate)
-    claimed = await _allocate(session, task, principal, gold=True, count=wanted_gold, now=now)
-    claimed += await _allocate(
-        session, task, principal, gold=False, count=count - len(claimed), now=now
+    # Gold rides along with real work only: when none is left, a claim hands out nothing.
+    claimed = await _allocate(
+        session, task, principal, gold=False, count=max(1, count - wanted_gold), now=now
     )
+    if claimed and wanted_gold:
+        claimed += await _allocate(
+            session, task, principal, gold=True, count=count - len(claimed), now=now
+        )
+    random.shuffle(claimed)  # the position in the answer must not tell gold apart
     await session.flush()
     return claimed
 
