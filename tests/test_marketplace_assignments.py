@@ -316,3 +316,19 @@ async def _finished(gateway, task_id: str, items: int) -> bool:
         c=True,
     )
     return rows[0][0] == items
+
+
+async def test_a_retried_claim_hands_out_the_same_leases_once(
+    client: httpx.AsyncClient, gateway
+) -> None:
+    market = await build_market(client, gateway, tag="retry", vendors={"sx": "CN-SX"})
+    task = await open_task(client, market, items=6, overlap=1)
+    tid = task["id"]
+    headers = {**bearer(market.annotators["sx"][0]), "Idempotency-Key": "claim-1"}
+    url = f"/v1/tasks/{tid}/assignments:claim"
+    first = await client.post(url, json={"count": 3}, headers=headers)
+    again = await client.post(url, json={"count": 3}, headers=headers)
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json() and len(first.json()["assignments"]) == 3
+    rows = await _rows(gateway, "SELECT count(*) FROM assignments WHERE task_id = :t", t=tid)
+    assert rows[0][0] == 3

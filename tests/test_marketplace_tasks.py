@@ -34,6 +34,9 @@ async def test_read_model_follows_membership_events(client: httpx.AsyncClient, g
         )
         membership = await session.get(KnownClusterMember, (market.cluster_id, sx))
         assert membership.active
+    task = await open_task(client, market, items=2, overlap=1)
+    annotator = bearer(market.annotators["sx"][0])
+    assert (await client.get(f"/v1/tasks/{task['id']}", headers=annotator)).status_code == 200
     # The vendor leaves the cluster and changes region: the read model follows.
     owner = market.owners["sx"]
     left = await client.delete(
@@ -54,6 +57,44 @@ async def test_read_model_follows_membership_events(client: httpx.AsyncClient, g
         assert not (await session.get(KnownClusterMember, (market.cluster_id, sx))).active
         assert (await session.get(KnownFirm, sx)).region == "CN-HE"
         assert (await session.get(KnownFirmMember, (sx, annotator_id))).role == "admin"
+    # A firm that left the cluster no longer sees or works on its tasks.
+    gone = await client.post(
+        f"/v1/tasks/{task['id']}/assignments:claim", json={"count": 1}, headers=annotator
+    )
+    assert gone.status_code == 404
+    assert (await client.get("/v1/tasks", headers=annotator)).json()["items"] == []
+
+
+async def test_task_list_pages_and_filters(client: httpx.AsyncClient, gateway) -> None:
+    market = await build_market(client, gateway, tag="page", vendors={"sx": "CN-SX"})
+    req = bearer(market.requester)
+    ids = []
+    for _ in range(5):
+        created = await client.post("/v1/tasks", json=task_body(market.cluster_id), headers=req)
+        ids.append(created.json()["id"])
+    opened = await open_task(client, market, items=1)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = (await client.get("/v1/tasks", params=params, headers=req)).json()
+        seen += [t["id"] for t in page["items"]]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            break
+    assert seen == [*ids, opened["id"]]
+    drafts = await client.get("/v1/tasks", params={"state": "draft"}, headers=req)
+    assert [t["id"] for t in drafts.json()["items"]] == ids
+    vendor = bearer(market.annotators["sx"][0])
+    assert [t["id"] for t in (await client.get("/v1/tasks", headers=vendor)).json()["items"]] == [
+        opened["id"]
+    ]
+    other = await client.get("/v1/tasks", params={"cluster_id": "cluster_nope"}, headers=req)
+    assert other.json()["items"] == []
+    assert (
+        await client.get("/v1/tasks", params={"state": "bogus"}, headers=req)
+    ).status_code == 422
+    assert (await client.get("/v1/tasks", params={"cursor": "%%%"}, headers=req)).status_code == 400
 
 
 async def test_old_event_never_overwrites_newer_state(gateway) -> None:
