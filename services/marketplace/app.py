@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from services.kit.app import KitModels, ServiceSpec, create_service_app
 from services.kit.runtime import Runtime
 from services.kit.settings import Settings
-from services.marketplace import consumers, routes
+from services.marketplace import consumers, kinds, routes
 from services.marketplace.models import (
     MarketplaceIdempotencyKey,
     MarketplaceOutbox,
@@ -32,7 +32,10 @@ SPEC = ServiceSpec(
     migrations_dir=Path(__file__).parent / "migrations",
     on_startup=[consumers.on_startup],
     openapi_tags=[
-        {"name": "tasks", "description": "Annotation tasks and their life cycle"},
+        {
+            "name": "tasks",
+            "description": "Annotation tasks and their life cycle. " + (kinds.__doc__ or ""),
+        },
         {"name": "items", "description": "Bulk import of items and gold items"},
         {"name": "assignments", "description": "Claim, release and submit leased items"},
     ],

@@ -43,7 +43,7 @@ class TaskCreate(Request):
     kind: Kind
     label_schema: dict[str, Any] = Field(
         examples=[{"labels": ["positive", "negative", "neutral"]}],
-        description="per kind: see the kinds table in the API docs",
+        description="per kind: see the `tasks` tag for each kind's schema, input and answer",
     )
     reward_per_annotation: int = Field(ge=0, le=1_000_000, description="credits per annotation")
     overlap: int = Field(1, ge=1, le=10, description="annotations wanted per item")
