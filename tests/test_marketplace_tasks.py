@@ -431,3 +431,57 @@ async def test_bad_task_terms_are_refused(client: httpx.AsyncClient, gateway) ->
             "/v1/tasks", json=task_body(market.cluster_id, **overrides), headers=req
         )
         assert response.status_code == 422, (overrides, response.text)
+
+
+async def test_integrator_client_posts_tasks_but_never_annotates(
+    client: httpx.AsyncClient, gateway
+) -> None:
+    from tests.oauth_flow import client_credentials
+
+    market = await build_market(client, gateway, tag="cli", vendors={"sx": "CN-SX"})
+    made = await client.post(
+        f"/v1/firms/{market.requester_id}/clients",
+        json={"name": "ETL", "scope": "marketplace:read marketplace:write"},
+        headers=bearer(market.requester),
+    )
+    assert made.status_code == 201, made.text
+    etl = await client_credentials(client, made.json()["client_id"], made.json()["client_secret"])
+    created = await client.post("/v1/tasks", json=task_body(market.cluster_id), headers=bearer(etl))
+    assert created.status_code == 201, created.text
+    tid = created.json()["id"]
+    items = await client.post(
+        f"/v1/tasks/{tid}/items", json=[{"input": {"text": "a"}}], headers=bearer(etl)
+    )
+    assert items.status_code == 200
+    assert (await client.post(f"/v1/tasks/{tid}:publish", headers=bearer(etl))).status_code == 200
+    refused = await client.post(
+        f"/v1/tasks/{tid}/assignments:claim", json={"count": 1}, headers=bearer(etl)
+    )
+    assert refused.status_code == 403
+    # A read-only client reads but does not change.
+    ro = await client.post(
+        f"/v1/firms/{market.requester_id}/clients",
+        json={"name": "Viewer", "scope": "marketplace:read"},
+        headers=bearer(market.requester),
+    )
+    viewer = await client_credentials(client, ro.json()["client_id"], ro.json()["client_secret"])
+    assert (await client.get(f"/v1/tasks/{tid}", headers=bearer(viewer))).status_code == 200
+    assert (await client.post(f"/v1/tasks/{tid}:pause", headers=bearer(viewer))).status_code == 403
+
+
+async def test_label_schema_is_fixed_once_gold_exists(client: httpx.AsyncClient, gateway) -> None:
+    market = await build_market(client, gateway, tag="fix", vendors={})
+    req = bearer(market.requester)
+    tid = (await client.post("/v1/tasks", json=task_body(market.cluster_id), headers=req)).json()[
+        "id"
+    ]
+    gold = [{"input": {"text": "a"}, "gold": True, "answer": {"label": "neutral"}}]
+    assert (await client.post(f"/v1/tasks/{tid}/items", json=gold, headers=req)).is_success
+    changed = await client.patch(
+        f"/v1/tasks/{tid}", json={"label_schema": {"labels": ["yes", "no"]}}, headers=req
+    )
+    assert changed.status_code == 409
+    task = (await client.get(f"/v1/tasks/{tid}", headers=req)).json()
+    assert task["label_schema"] == {"labels": ["positive", "negative", "neutral"]}
+    # Gold alone is no work: publishing needs a real item.
+    assert (await client.post(f"/v1/tasks/{tid}:publish", headers=req)).status_code == 409
