@@ -157,8 +157,16 @@ def _register_problem_schema(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def request_scope(request: Request) -> contextlib.AbstractAsyncContextManager[AsyncSession]:
+    """GET and HEAD read in a read-only scope; other methods own a committing transaction."""
+    db: Database = request.app.state.db
+    return db.read_scope() if request.method in READ_METHODS else db.session_scope()
+
+
 async def session_dependency(request: Request) -> AsyncIterator[AsyncSession]:
     """The request's session: commits when the handler succeeds, rolls back on error."""
-    db: Database = request.app.state.db
-    async with db.session_scope() as session:
+    async with request_scope(request) as session:
         yield session

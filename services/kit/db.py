@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("onecluster.db")
+READ_ONLY = "onecluster_read_only"  # execution option marking a read-only session
 
 
 def _split(url: str) -> URL:
@@ -45,6 +46,15 @@ def is_postgres(url: str) -> bool:
     return _split(url).drivername == "postgresql"
 
 
+class ReadOnlySession(Session):
+    """A session that refuses to flush changes: reads only, rolled back at the end."""
+
+    def flush(self, objects: Any = None) -> None:
+        if self.new or self.dirty or self.deleted:
+            raise RuntimeError("a read-only session cannot write; use session_scope")
+        super().flush(objects)
+
+
 class Database:
     """The engines of one service's database, plus the hooks run after each commit."""
 
@@ -55,8 +65,14 @@ class Database:
         self.postgres = self.url.drivername == "postgresql"
         self.engine: AsyncEngine = self._async_engine()
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.read_sessionmaker = async_sessionmaker(
+            self.engine.execution_options(**{READ_ONLY: True}),
+            expire_on_commit=False,
+            sync_session_class=ReadOnlySession,
+        )
         self._sync_engine: Engine | None = None
         self._sync_sessionmaker: sessionmaker[Session] | None = None
+        self._sync_read_sessionmaker: sessionmaker[Session] | None = None
         self.after_commit: list[Callable[[AsyncSession], None]] = []
 
     # -- engines ---------------------------------------------------------------------
@@ -131,6 +147,19 @@ class Database:
         for hook in self.after_commit:
             hook(session)
 
+    @contextlib.asynccontextmanager
+    async def read_scope(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads only: on SQLite its transaction does not take the write lock.
+
+        Readers then never queue behind writers (WAL lets them read a consistent snapshot
+        while a writer works), and a reader opened while the same thread holds the write
+        lock cannot deadlock on it. Nothing is committed; writing in it is a bug.
+        """
+        async with self.read_sessionmaker() as session:
+            # Closing (not rolling back) keeps loaded objects readable after the scope;
+            # the pool rolls the connection back when it takes it back.
+            yield session
+
     @contextlib.contextmanager
     def sync_session_scope(self) -> Iterator[Session]:
         with self.sync_sessionmaker() as session:
@@ -140,6 +169,18 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    @contextlib.contextmanager
+    def sync_read_scope(self) -> Iterator[Session]:
+        """:meth:`read_scope` for code that runs in a worker thread."""
+        if self._sync_read_sessionmaker is None:
+            self._sync_read_sessionmaker = sessionmaker(
+                self.sync_engine.execution_options(**{READ_ONLY: True}),
+                expire_on_commit=False,
+                class_=ReadOnlySession,
+            )
+        with self._sync_read_sessionmaker() as session:
+            yield session
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
@@ -183,7 +224,9 @@ def _serialise_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers (``read_scope``) take a deferred snapshot and never the write lock.
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def run_alembic_env(target_metadata: sa.MetaData) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.kit.app import request_scope
 from services.kit.auth import Principal, require_scope
 from services.kit.db import Database
 from services.kit.errors import Problem
@@ -25,7 +26,7 @@ async def audited_session(request: Request) -> AsyncIterator[AsyncSession]:
     """
     db: Database = request.app.state.db
     try:
-        async with db.session_scope() as session:
+        async with request_scope(request) as session:
             yield session
     except Problem as problem:
         outcome = AUDITED_FAILURES.get(problem.status)

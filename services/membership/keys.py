@@ -146,7 +146,7 @@ class KeyStore:
         return kid
 
     async def reload(self) -> _Snapshot:
-        async with self.db.session_scope() as session:
+        async with self.db.read_scope() as session:
             rows = list((await session.execute(_published_query())).scalars().all())
         snap = _snapshot(rows)
         self._snapshot = snap
@@ -193,7 +193,9 @@ class KeyStore:
             snap = self._fresh(None)
             if snap is not None:  # another thread reloaded while we waited
                 return snap
-            with self.db.sync_session_scope() as session:
+            # A read scope: this runs inside token grants whose own session already holds
+            # SQLite's write lock on this thread; a writing session here would wait on it.
+            with self.db.sync_read_scope() as session:
                 rows = list(session.execute(_published_query()).scalars().all())
             snap = _snapshot(rows)
             self._snapshot = snap
