@@ -3,6 +3,7 @@ revocation, introspection, userinfo, deactivated users, rate limits and transpor
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from tests.conftest import make_settings
 from tests.oauth_flow import (
     bearer,
     client_credentials,
+    client_credentials_response,
     create_firm,
     jwt_parts,
     login,
@@ -421,3 +423,25 @@ async def test_plain_http_refused_outside_development(
             response = await c.post("/oauth/token", data={"grant_type": "password"})
             assert response.status_code == 400
             assert response.json()["error"] == "unsupported_grant_type"
+
+
+async def test_token_issued_while_the_key_cache_reloads(client: httpx.AsyncClient, gateway) -> None:
+    """A stale key cache is reloaded inside the grant's transaction without locking itself.
+
+    On SQLite the grant's session holds the write lock; the reload used to open a second
+    writing session on the same thread and wait 30 s for it, then fail with 500.
+    """
+    await sign_up(client, "cache@example.com")
+    owner = await login(client, "cache@example.com")
+    firm = await create_firm(client, owner)
+    owner = await login(client, "cache@example.com", firm_id=firm["id"])
+    made = await client.post(
+        f"/v1/firms/{firm['id']}/clients",
+        json={"name": "cache", "scope": "membership:read"},
+        headers=bearer(owner),
+    )
+    client_id, secret = made.json()["client_id"], made.json()["client_secret"]
+    assert (await client_credentials_response(client, client_id, secret)).status_code == 200
+    gateway.apps["membership"].state.keystore.invalidate()
+    again = await asyncio.wait_for(client_credentials_response(client, client_id, secret), 10)
+    assert again.status_code == 200, again.text
