@@ -45,18 +45,19 @@ def server(tmp_path: Path, database_url: str | None, redis_prefix: str) -> Itera
     )
     if os.environ.get("ONECLUSTER_TEST_REDIS_URL"):
         env["ONECLUSTER_REDIS_URL"] = os.environ["ONECLUSTER_TEST_REDIS_URL"]
+    log = tmp_path / "server.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            assert proc.poll() is None, "the server exited"
+            assert proc.poll() is None, log.read_text()[-3000:]
             try:
                 if httpx.get(base + "/readyz", timeout=1).status_code == 200:
                     break
