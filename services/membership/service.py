@@ -578,25 +578,81 @@ async def member_cluster(
     *,
     admin: bool = False,
     lock: bool = False,
+    operator: bool = False,
 ) -> tuple[Cluster, Firm]:
-    """A cluster the acting firm belongs to; 404 for outsiders."""
-    firm = await acting_firm(session, principal, admin=admin)
-    cluster = await _cluster(session, cluster_id, lock=lock)
-    membership = await _membership(session, cluster_id, firm.id)
-    if membership is None or membership.status != "active":
+    """A cluster the acting firm belongs to; 404 for outsiders.
+
+    The hot path of every cluster read, so it is one query: the cluster, the acting firm,
+    the caller's membership of that firm and the firm's membership of the cluster. It
+    answers exactly as :func:`acting_firm` followed by the cluster checks would.
+    With ``operator``, the acting firm must run the cluster (403 for other members).
+    """
+    firm_id = principal.firm_id
+    if not firm_id:
+        raise Forbidden("The token acts for no firm: create or join a firm, then sign in again.")
+    user_id = principal.subject if principal.kind == "user" else ""
+    query = (
+        sa.select(
+            Cluster,
+            Firm,
+            col(FirmMember.role),
+            col(FirmMember.status),
+            col(ClusterMember.status),
+        )
+        .select_from(Cluster)
+        .outerjoin(Firm, col(Firm.id) == firm_id)
+        .outerjoin(
+            FirmMember,
+            sa.and_(col(FirmMember.firm_id) == firm_id, col(FirmMember.user_id) == user_id),
+        )
+        .outerjoin(
+            ClusterMember,
+            sa.and_(
+                col(ClusterMember.cluster_id) == col(Cluster.id),
+                col(ClusterMember.firm_id) == firm_id,
+            ),
+        )
+        .where(col(Cluster.id) == cluster_id)
+    )
+    if lock:
+        query = query.with_for_update(of=Cluster)
+    row = (await session.execute(query)).one_or_none()
+    if row is None:
+        await acting_firm(session, principal, admin=admin)  # its 403s come first
+        raise NotFound("No cluster with this id.")
+    cluster, firm, role, member_status, cluster_status = row
+    if principal.kind == "client":
+        if firm is None:
+            raise Forbidden("The client's firm no longer exists.")
+    else:
+        if role is None or firm is None:
+            raise Forbidden("You are no longer a member of the token's firm.")
+        if member_status != "active":
+            raise Forbidden("Your membership of this firm is deactivated.")
+    if admin:
+        _check_firm_admin(principal, role)
+    if cluster_status != "active":
         raise NotFound("No cluster with this id among your firm's clusters.")
+    if operator:
+        if cluster.operator_firm_id != firm.id:
+            raise Forbidden("Only the cluster's operator may do this.")
+        _check_firm_admin(principal, role)
     return cluster, firm
+
+
+def _check_firm_admin(principal: Principal, role: str | None) -> None:
+    if principal.kind == "client":
+        if not principal.has("membership:write"):
+            raise Forbidden("Needs scope membership:write.")
+    elif role not in ADMIN_ROLES:
+        raise Forbidden(f"Needs one of the firm roles: {', '.join(sorted(ADMIN_ROLES))}.")
 
 
 async def operated_cluster(
     session: AsyncSession, principal: Principal, cluster_id: str, *, lock: bool = False
 ) -> tuple[Cluster, Firm]:
     """A cluster run by the acting firm; members get 403, outsiders 404."""
-    cluster, firm = await member_cluster(session, principal, cluster_id, lock=lock)
-    if cluster.operator_firm_id != firm.id:
-        raise Forbidden("Only the cluster's operator may do this.")
-    await acting_firm(session, principal, admin=True)
-    return cluster, firm
+    return await member_cluster(session, principal, cluster_id, lock=lock, operator=True)
 
 
 async def create_cluster(session: AsyncSession, principal: Principal, **fields: Any) -> Cluster:
@@ -971,17 +1027,28 @@ async def list_members(
     industry: str | None,
     after: str | None,
     limit: int,
-) -> tuple[Cluster, list[tuple[ClusterMember, Firm]]]:
+) -> tuple[Cluster, list[sa.Row[Any]]]:
+    """Member rows with just the columns a listing shows (no ORM objects to build)."""
     cluster, _ = await member_cluster(session, principal, cluster_id)
-    query = (
-        select(ClusterMember, Firm)
+    query: Any = (
+        sa.select(
+            col(ClusterMember.id).label("membership_id"),
+            col(ClusterMember.park_id),
+            col(ClusterMember.joined_at),
+            col(Firm.id).label("firm_id"),
+            col(Firm.name),
+            col(Firm.region),
+            col(Firm.city),
+            col(Firm.actor_type),
+            col(Firm.industries),
+        )
         .join(Firm, col(Firm.id) == ClusterMember.firm_id)
-        .where(ClusterMember.cluster_id == cluster_id, ClusterMember.status == "active")
+        .where(col(ClusterMember.cluster_id) == cluster_id, col(ClusterMember.status) == "active")
     )
     if region:
-        query = query.where(Firm.region == region.upper())
+        query = query.where(col(Firm.region) == region.upper())
     if actor_type:
-        query = query.where(Firm.actor_type == actor_type)
+        query = query.where(col(Firm.actor_type) == actor_type)
     if industry:
         codes = select(FirmIndustry.firm_id).where(
             sa.or_(col(FirmIndustry.code) == industry, col(FirmIndustry.code).startswith(industry))
@@ -990,9 +1057,9 @@ async def list_members(
         )
         query = query.where(col(Firm.id).in_(codes))
     if after:
-        query = query.where(ClusterMember.id > after)
-    rows = await session.execute(query.order_by(ClusterMember.id).limit(limit + 1))
-    return cluster, [(m, f) for m, f in rows.all()]
+        query = query.where(col(ClusterMember.id) > after)
+    rows = await session.execute(query.order_by(col(ClusterMember.id)).limit(limit + 1))
+    return cluster, list(rows.all())
 
 
 async def get_member(
