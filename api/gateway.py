@@ -27,6 +27,7 @@ from services.kit.settings import Settings
 from services.kit.telemetry import metrics_endpoint
 
 Factory = Callable[[Settings, Runtime], FastAPI]
+ROUTE_CACHE_SIZE = 4096  # (method, path) → service; paths carry ids, so it must stay bounded
 
 
 def service_factories() -> dict[str, Factory]:
@@ -47,6 +48,7 @@ class Gateway:
             name: factories[name](settings, self.runtime) for name in names
         }
         self._openapi: dict[str, Any] | None = None
+        self._routes: dict[tuple[str, str, str], FastAPI] = {}
 
     # -- lifespan -----------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -80,6 +82,18 @@ class Gateway:
             await next(iter(self.apps.values()))(scope, receive, send)
 
     def _route(self, scope: Scope) -> FastAPI | None:
+        """The service whose router matches; remembered per (method, path), bounded."""
+        key = (scope["type"], scope.get("method", ""), scope["path"])
+        app = self._routes.get(key)
+        if app is None:
+            app = self._match(scope)
+            if app is not None:
+                if len(self._routes) >= ROUTE_CACHE_SIZE:
+                    self._routes.pop(next(iter(self._routes)))
+                self._routes[key] = app
+        return app
+
+    def _match(self, scope: Scope) -> FastAPI | None:
         partial: FastAPI | None = None
         for app in self.apps.values():
             for route in app.router.routes:
