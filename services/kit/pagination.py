@@ -47,7 +47,7 @@ def decode_cursor(cursor: str) -> str:
     return value
 
 
-def page_request(
+async def page_request(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="page size")] = 50,
     cursor: Annotated[str | None, Query(max_length=512, description="from next_cursor")] = None,
 ) -> PageRequest:

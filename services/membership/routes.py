@@ -764,18 +764,19 @@ async def list_cluster_members(
         after=page.after,
         limit=page.limit,
     )
+    # Plain dicts: the response model validates them once (a model here would be twice).
     items = [
-        ClusterMemberOut(
-            firm_id=r.firm_id,
-            name=r.name,
-            region=r.region,
-            city=r.city,
-            actor_type=r.actor_type,
-            industries=r.industries,
-            is_operator=cluster.operator_firm_id == r.firm_id,
-            park_id=r.park_id,
-            joined_at=r.joined_at,
-        )
+        {
+            "firm_id": r.firm_id,
+            "name": r.name,
+            "region": r.region,
+            "city": r.city,
+            "actor_type": r.actor_type,
+            "industries": r.industries,
+            "is_operator": cluster.operator_firm_id == r.firm_id,
+            "park_id": r.park_id,
+            "joined_at": r.joined_at,
+        }
         for r in rows[: page.limit]
     ]
     return _page(items, rows, page.limit, lambda r: r.membership_id)
