@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -125,75 +124,6 @@ def child_env(**values: str) -> dict[str, str]:
     return env
 
 
-# -- the signing-key cache on SQLite ----------------------------------------------------
-class KeyCacheKeeper:
-    """Keeps membership's signing-key cache young, on SQLite only, while tokens are issued.
-
-    Works around a deadlock found by this benchmark (see bench/README.md): when the key
-    cache is older than 30 s, the token endpoint reloads it from inside the grant's
-    ``BEGIN IMMEDIATE`` transaction on a second connection, which waits the whole 30 s
-    busy timeout for the first one and fails with 500, stalling every writer meanwhile.
-    A request with a token naming an unknown ``kid`` makes the verifier reload the keys on
-    the async path instead; one a second keeps the cache at most a few seconds old.
-    It is paused while the read benchmark runs (the read path issues no token).
-    """
-
-    FORGED = (
-        ".".join(
-            base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
-            for part in ({"alg": "RS256", "typ": "at+jwt", "kid": "bench-key-keeper"}, {})
-        )
-        + ".c2ln"
-    )
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.active = True
-        self.pokes = 0
-        self._task: asyncio.Task[None] | None = None
-        self._client = httpx.AsyncClient(base_url=base, timeout=5, trust_env=False)
-
-    async def poke(self) -> None:
-        with contextlib.suppress(httpx.HTTPError):
-            await self._client.get(
-                "/v1/users/me", headers={"Authorization": f"Bearer {self.FORGED}"}
-            )
-            self.pokes += 1
-
-    async def _run(self) -> None:
-        while True:
-            if self.active:
-                await self.poke()
-            await asyncio.sleep(1.0)
-
-    async def __aenter__(self) -> KeyCacheKeeper:
-        await self.poke()
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._client.aclose()
-
-    @contextlib.asynccontextmanager
-    async def paused(self) -> AsyncIterator[None]:
-        self.active = False
-        try:
-            yield
-        finally:
-            self.active = True
-            await self.poke()
-
-
-class _NoKeeper:
-    @contextlib.asynccontextmanager
-    async def paused(self) -> AsyncIterator[None]:
-        yield
-
-
 # -- PostgreSQL and Redis --------------------------------------------------------------
 class PostgresDatabase:
     """A fresh database on the given server, dropped at the end (as tests/conftest.py)."""
@@ -250,7 +180,6 @@ class Report:
     full: list[LoadResult]
     bare: list[LoadResult]
     tokens: LoadResult | None
-    kept_keys: bool
 
     @staticmethod
     def median_of(results: list[LoadResult]) -> LoadResult:
@@ -329,11 +258,6 @@ def print_report(report: Report, args: argparse.Namespace) -> None:
         print(header)
         print(_row("token issuance", t))
         print(f"tokens/s = {t.rps:.0f}")
-        if report.kept_keys:
-            print(
-                "   (SQLite: the signing-key cache was kept young during seeding and issuance, "
-                "working around the 30 s token-endpoint deadlock; see bench/README.md)"
-            )
     print()
     print(
         "srv ms/req: server CPU (all threads) per answered request; db ms/req: PostgreSQL\n"
@@ -422,9 +346,6 @@ async def run(args: argparse.Namespace) -> Report:
         stack.push(_show_errors_of(full))
         await full.wait_ready(f"{full_base}/readyz")
         step(f"onecluster serve ready on {full_base} ({mode}); seeding {args.members} firms")
-        keeper: KeyCacheKeeper | _NoKeeper = _NoKeeper()
-        if not args.postgres and not args.no_key_keeper:
-            keeper = await stack.enter_async_context(KeyCacheKeeper(full_base))
 
         seeded = await seed(
             lambda: httpx.AsyncClient(base_url=full_base, timeout=120, trust_env=False),
@@ -476,26 +397,25 @@ async def run(args: argparse.Namespace) -> Report:
         read = HttpRequest("GET", path, {"Accept": "application/json", **auth})
         full_results: list[LoadResult] = []
         bare_results: list[LoadResult] = []
-        async with keeper.paused():
-            for round_ in range(1, args.rounds + 1):
-                for name, server, port, results in (
-                    ("full stack", full, full_port, full_results),
-                    ("bare route", bare, bare_port, bare_results),
-                ):
-                    step(f"round {round_}: {name}")
-                    results.append(
-                        await run_load(
-                            name,
-                            port,
-                            read,
-                            concurrency=args.concurrency,
-                            warmup=args.warmup,
-                            duration=args.duration,
-                            client=args.client,
-                            server_pid=server.pid,
-                            backing=backing,
-                        )
+        for round_ in range(1, args.rounds + 1):
+            for name, server, port, results in (
+                ("full stack", full, full_port, full_results),
+                ("bare route", bare, bare_port, bare_results),
+            ):
+                step(f"round {round_}: {name}")
+                results.append(
+                    await run_load(
+                        name,
+                        port,
+                        read,
+                        concurrency=args.concurrency,
+                        warmup=args.warmup,
+                        duration=args.duration,
+                        client=args.client,
+                        server_pid=server.pid,
+                        backing=backing,
                     )
+                )
 
         tokens = None
         if not args.skip_tokens:
@@ -522,9 +442,7 @@ async def run(args: argparse.Namespace) -> Report:
                 server_pid=full.pid,
                 backing=backing,
             )
-        return Report(
-            mode, seeded, full_results, bare_results, tokens, isinstance(keeper, KeyCacheKeeper)
-        )
+        return Report(mode, seeded, full_results, bare_results, tokens)
 
 
 def step(message: str) -> None:
@@ -548,11 +466,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--postgres", metavar="URL", help="PostgreSQL server (a fresh database)")
     parser.add_argument("--redis", metavar="URL", help="Redis (keys under a fresh prefix)")
     parser.add_argument("--log-dir", metavar="DIR", help="keep the servers' logs there")
-    parser.add_argument(
-        "--no-key-keeper",
-        action="store_true",
-        help="SQLite: do not keep the signing-key cache young (shows the 30 s deadlock)",
-    )
     parser.add_argument("--skip-tokens", action="store_true", help="no token-issuance run")
     parser.add_argument("--target", type=float, default=TARGET_RATIO, help="ratio to meet")
     parser.add_argument(
