@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import cProfile
 import logging
 import os
@@ -29,7 +28,6 @@ import secrets
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from api.gateway import Gateway, create_gateway
+from api.gateway import create_gateway
 from bench.seed import seed
 from services.kit.settings import Settings
 from services.kit.telemetry import configure_logging
@@ -102,26 +100,6 @@ def make_settings(data_dir: Path) -> Settings:
     )
 
 
-@contextlib.asynccontextmanager
-async def young_keys(gateway: Gateway) -> AsyncIterator[None]:
-    """Reload the signing keys every second on the async path while seeding: works around
-    the token endpoint's 30 s deadlock on SQLite (see KeyCacheKeeper in auth_read.py)."""
-    keystore = gateway.apps["membership"].state.keystore
-
-    async def loop() -> None:
-        while True:
-            await keystore.reload()
-            await asyncio.sleep(1.0)
-
-    task = asyncio.create_task(loop())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def drive(client: httpx.AsyncClient, path: str, auth: dict[str, str], n: int, c: int) -> int:
     remaining = n
     failures = 0
@@ -177,13 +155,12 @@ async def main(args: argparse.Namespace) -> None:
                     return httpx.AsyncClient(transport=transport, base_url=BASE, timeout=120)
 
                 print(f"-- seeding {args.members} member firms in-process", flush=True)
-                async with young_keys(gateway):
-                    seeded = await seed(
-                        new_client,
-                        redirect_uri=f"{BASE}/oauth/callback",
-                        members=args.members,
-                        tag=secrets.token_hex(3),
-                    )
+                seeded = await seed(
+                    new_client,
+                    redirect_uri=f"{BASE}/oauth/callback",
+                    members=args.members,
+                    tag=secrets.token_hex(3),
+                )
                 path = f"/v1/clusters/{seeded.cluster_id}/members?limit=50"
                 auth = {"Authorization": f"Bearer {seeded.operator_tokens['access_token']}"}
                 statements: Counter[str] = Counter()
