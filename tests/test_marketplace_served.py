@@ -8,9 +8,6 @@ claims race on PostgreSQL's row locks.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,56 +20,20 @@ import sqlalchemy as sa
 from tests.conftest import requires_postgres
 from tests.marketplace_support import build_market, task_body
 from tests.oauth_flow import bearer
-from tests.test_serve import ROOT, free_port
+from tests.served import serve_platform
 
 GOOD = {"label": "positive"}
 
 
 @pytest.fixture
 def server(tmp_path: Path, database_url: str | None, redis_prefix: str) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ONECLUSTER_")}
-    env.update(
-        {
-            "ONECLUSTER_ENV": "test",
-            "ONECLUSTER_SECRET_KEY": "served-marketplace-secret",
-            "ONECLUSTER_REDIS_PREFIX": redis_prefix,
-            "ONECLUSTER_DATABASE_URL": database_url or "",
-            "ONECLUSTER_WEB_REDIRECT_URIS": '["http://testserver/cb"]',
-            "ONECLUSTER_RATE_LIMIT_PER_MINUTE": "100000",
-            "ONECLUSTER_FIRM_RATE_LIMIT_PER_MINUTE": "100000",
-        }
-    )
-    if os.environ.get("ONECLUSTER_TEST_REDIS_URL"):
-        env["ONECLUSTER_REDIS_URL"] = os.environ["ONECLUSTER_TEST_REDIS_URL"]
-    log = tmp_path / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise AssertionError("server did not become ready")
+    unlimited = {
+        "ONECLUSTER_WEB_REDIRECT_URIS": '["http://testserver/cb"]',
+        "ONECLUSTER_RATE_LIMIT_PER_MINUTE": "100000",
+        "ONECLUSTER_FIRM_RATE_LIMIT_PER_MINUTE": "100000",
+    }
+    with serve_platform(tmp_path, database_url, redis_prefix, unlimited) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def _until(call, ok: int, timeout: float = 20.0) -> httpx.Response:
