@@ -26,11 +26,12 @@ from joserfc.jwk import RSAKey
 from typer.testing import CliRunner
 
 from api.cli import cli
-from api.gateway import Gateway
+from api.gateway import Gateway, create_gateway
 from services.kit.db import utcnow
 from services.kit.settings import Settings
 from services.membership.keys import KeyStore
 from services.membership.models import SigningKey
+from tests.conftest import make_settings
 from tests.oauth_flow import bearer, jwt_parts, login, sign_up
 
 PROTECTED = "/oauth/userinfo"
@@ -277,3 +278,32 @@ def test_sync_key_store_api(tmp_path: Path) -> None:
         assert [k.kid for k in keys.verification_key_set_sync().keys] == [kid]
     finally:
         db.sync_engine.dispose()
+
+
+async def test_expired_token_records_are_purged_while_running(
+    tmp_path: Path, database_url: str | None, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.membership import oauth_routes
+    from services.membership.models import AccessToken
+
+    monkeypatch.setattr(oauth_routes, "HOUSEKEEPING_INTERVAL", 0.05)
+    gateway = create_gateway(make_settings(tmp_path, database_url, redis_prefix))
+    async with gateway.lifespan():
+        db = gateway.apps["membership"].state.db
+        now = utcnow()
+        async with db.session_scope() as session:
+            for jti, expires in (
+                ("jti_old", now - timedelta(minutes=5)),
+                ("jti_live", now + timedelta(minutes=5)),
+            ):
+                session.add(
+                    AccessToken(jti=jti, client_id="c", subject="s", scope="", expires_at=expires)
+                )
+        for _ in range(100):
+            async with db.read_scope() as session:
+                left = {t.jti for t in (await session.execute(sa.select(AccessToken))).scalars()}
+            if "jti_old" not in left:
+                break
+            await asyncio.sleep(0.05)
+        assert left == {"jti_live"}
+    assert gateway.apps["membership"].state.housekeeping.cancelled()

@@ -23,6 +23,7 @@ SPEC = ServiceSpec(
     models=KitModels(outbox=MembershipOutbox, idempotency=MembershipIdempotencyKey),
     migrations_dir=Path(__file__).parent / "migrations",
     on_startup=[oauth_routes.on_startup],
+    on_shutdown=[oauth_routes.on_shutdown],
     openapi_tags=[
         {"name": "users", "description": "Sign-up and your own profile"},
         {"name": "firms", "description": "Firms, their members, invitations and API clients"},

@@ -15,6 +15,8 @@ a form cannot be submitted from another site, or replayed after an hour.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import html
@@ -217,6 +219,18 @@ async def on_startup(app: FastAPI) -> None:
     await _upsert_web_client(db, settings)
     await _housekeeping(db)
     app.state.oauth_server = OAuthServer(settings, db, keys)
+    app.state.housekeeping = asyncio.create_task(
+        _housekeeping_loop(db), name="membership-housekeeping"
+    )
+
+
+async def on_shutdown(app: FastAPI) -> None:
+    """Stop the housekeeping loop started by :func:`on_startup`."""
+    task: asyncio.Task[None] | None = getattr(app.state, "housekeeping", None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _upsert_web_client(db: Database, settings: Settings) -> None:
@@ -250,6 +264,22 @@ async def _housekeeping(db: Database) -> None:
         await session.execute(
             sa.delete(AuthorizationCode).where(col(AuthorizationCode.expires_at) < cutoff)
         )
+
+
+HOUSEKEEPING_INTERVAL = 3600.0  # seconds between purges in a running process
+
+
+async def _housekeeping_loop(db: Database) -> None:
+    """Purge expired rows every hour, so a long-running process does not accumulate them.
+
+    Every replica runs it; concurrent deletes of the same expired rows are harmless.
+    """
+    while True:
+        await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+        try:
+            await _housekeeping(db)
+        except Exception:
+            log.warning("housekeeping failed", exc_info=True)
 
 
 # -- helpers ----------------------------------------------------------------------------------
