@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Annotated, Generic, TypeVar
+from collections.abc import Callable
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Depends, Query
 from pydantic import BaseModel, Field
@@ -57,9 +58,16 @@ async def page_request(
 PageParams = Annotated[PageRequest, Depends(page_request)]
 
 
-def make_page(rows: list[T], limit: int, id_of: str = "id") -> Page[T]:
-    """A page from ``limit + 1`` fetched rows: the extra row only says there is more."""
+def page_of(items: list[Any], rows: list[Any], limit: int, key: Callable[[Any], str]) -> Page[Any]:
+    """A page of ``items`` built from ``limit + 1`` fetched ``rows``.
+
+    The extra row only says there is more; the cursor is ``key`` of the last row shown.
+    """
     more = len(rows) > limit
-    items = rows[:limit]
-    cursor = encode_cursor(getattr(items[-1], id_of)) if more and items else None
-    return Page[T](items=items, next_cursor=cursor)
+    cursor = encode_cursor(key(rows[limit - 1])) if more and limit else None
+    return Page[Any](items=items[:limit], next_cursor=cursor)
+
+
+def make_page(rows: list[T], limit: int, id_of: str = "id") -> Page[T]:
+    """A page of ``limit + 1`` fetched rows that are the items themselves."""
+    return page_of(rows, rows, limit, lambda row: getattr(row, id_of))

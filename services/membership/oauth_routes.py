@@ -880,18 +880,13 @@ _METADATA_DOC: dict[str, Any] = {
     summary="OpenID Connect discovery document",
     **_METADATA_DOC,
 )
-async def openid_configuration(request: Request) -> JSONResponse:
-    return JSONResponse(
-        server_metadata(_settings(request)), headers={"Cache-Control": "public, max-age=300"}
-    )
-
-
 @router.get(
     "/.well-known/oauth-authorization-server",
     summary="OAuth 2 authorization server metadata (RFC 8414)",
     **_METADATA_DOC,
 )
-async def oauth_metadata(request: Request) -> JSONResponse:
+async def server_metadata_document(request: Request) -> JSONResponse:
+    """The same metadata at both standard addresses."""
     return JSONResponse(
         server_metadata(_settings(request)), headers={"Cache-Control": "public, max-age=300"}
     )

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 from api.events import ActorType
 from services.kit.auth import CurrentUser, Principal
 from services.kit.errors import responses
-from services.kit.pagination import Page, PageParams, encode_cursor
+from services.kit.pagination import Page, PageParams, page_of
 from services.membership import service
 from services.membership.access import ADMIN_ROLES, require_firm
 from services.membership.deps import MembershipReader, MembershipWriter, SessionDep
@@ -66,14 +66,6 @@ from services.membership.schemas import (
 router = APIRouter(prefix="/v1")
 ERR = responses(400, 401, 403, 404, 409, 422, 429)
 Id = Annotated[str, Path(min_length=1, max_length=64)]
-
-
-def _page(items: list[Any], rows: list[Any], limit: int, key: Any) -> Page[Any]:
-    """A page whose next cursor comes from the last row shown, when there is more."""
-    more = len(rows) > limit
-    return Page[Any](
-        items=items[:limit], next_cursor=encode_cursor(key(rows[limit - 1])) if more else None
-    )
 
 
 # -- users ---------------------------------------------------------------------------
@@ -179,7 +171,7 @@ async def list_firms(
     ]
     pairs.sort(key=lambda p: p[1].id)
     rows = pairs[: page.limit + 1]
-    return _page([firm_out(f) for f, _ in rows], rows, page.limit, lambda p: p[1].id)
+    return page_of([firm_out(f) for f, _ in rows], rows, page.limit, lambda p: p[1].id)
 
 
 @router.get(
@@ -232,7 +224,7 @@ async def list_firm_members(
     rows = await service.firm_members(
         session, principal, firm_id, after=page.after, limit=page.limit
     )
-    return _page([member_out(m, u) for m, u in rows], rows, page.limit, lambda r: r[0].id)
+    return page_of([member_out(m, u) for m, u in rows], rows, page.limit, lambda r: r[0].id)
 
 
 async def _member_view(session: SessionDep, firm_id: str, user_id: str) -> FirmMemberOut:
@@ -352,7 +344,7 @@ async def list_firm_invitations(
     rows = await service.list_firm_invitations(
         session, principal, firm_id, after=page.after, limit=page.limit
     )
-    return _page([firm_invitation_out(i) for i in rows], rows, page.limit, lambda i: i.id)
+    return page_of([firm_invitation_out(i) for i in rows], rows, page.limit, lambda i: i.id)
 
 
 @router.post(
@@ -409,7 +401,7 @@ async def firm_audit(
     rows = await service.audit_events(
         session, firm_id=firm_id, action=action, before=page.after, limit=page.limit
     )
-    return _page([audit_out(e) for e in rows], rows, page.limit, lambda e: e.id)
+    return page_of([audit_out(e) for e in rows], rows, page.limit, lambda e: e.id)
 
 
 def audit_out(event: AuditEvent) -> AuditEventOut:
@@ -471,7 +463,7 @@ async def list_clusters(
         session, principal, mine=membership == "mine", after=page.after, limit=page.limit
     )
     counts = await service.member_count(session, [c.id for c in rows[: page.limit]])
-    return _page(
+    return page_of(
         [cluster_out(c, counts, member_of) for c in rows], rows, page.limit, lambda c: c.id
     )
 
@@ -563,7 +555,7 @@ async def list_join_requests(
     rows = await service.list_join_requests(
         session, principal, cluster_id, status=status_, after=page.after, limit=page.limit
     )
-    return _page([join_request_out(r, f) for r, f in rows], rows, page.limit, lambda r: r[0].id)
+    return page_of([join_request_out(r, f) for r, f in rows], rows, page.limit, lambda r: r[0].id)
 
 
 @router.post(
@@ -662,7 +654,7 @@ async def list_cluster_invitations(
     cluster, rows = await service.list_cluster_invitations(
         session, principal, cluster_id, after=page.after, limit=page.limit
     )
-    return _page(
+    return page_of(
         [cluster_invitation_out(cluster, i) for i in rows], rows, page.limit, lambda i: i.id
     )
 
@@ -779,7 +771,7 @@ async def list_cluster_members(
         }
         for r in rows[: page.limit]
     ]
-    return _page(items, rows, page.limit, lambda r: r.membership_id)
+    return page_of(items, rows, page.limit, lambda r: r.membership_id)
 
 
 @router.get(
@@ -888,7 +880,9 @@ async def list_parks(
         session, principal, cluster_id, after=page.after, limit=page.limit
     )
     located = await service.park_occupancy(session, [p.id for p in rows])
-    return _page([park_out(p, len(located[p.id])) for p in rows], rows, page.limit, lambda p: p.id)
+    return page_of(
+        [park_out(p, len(located[p.id])) for p in rows], rows, page.limit, lambda p: p.id
+    )
 
 
 @router.get(
@@ -944,7 +938,7 @@ async def cluster_audit(
     rows = await service.audit_events(
         session, cluster_id=cluster_id, action=action, before=page.after, limit=page.limit
     )
-    return _page([audit_out(e) for e in rows], rows, page.limit, lambda e: e.id)
+    return page_of([audit_out(e) for e in rows], rows, page.limit, lambda e: e.id)
 
 
 # -- reference -----------------------------------------------------------------------
