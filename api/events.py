@@ -189,3 +189,78 @@ class AssignmentSubmittedV1(EventPayload):
     annotator_firm_id: str
     annotator_region: str
     gold: bool = False
+
+
+@register
+class ContractAwardedV1(EventPayload):
+    """The requester awarded a vendor's bid: a contract with a quota and a price."""
+
+    event_type = "contract.awarded"
+    contract_id: str
+    task_id: str
+    cluster_id: str
+    requester_firm_id: str
+    requester_region: str
+    vendor_firm_id: str
+    vendor_region: str
+    price_per_annotation: int
+    quota: int
+
+
+class SubmissionReviewed(EventPayload):
+    assignment_id: str
+    task_id: str
+    item_id: str
+    cluster_id: str
+    requester_firm_id: str
+    annotator_id: str
+    annotator_firm_id: str
+    annotator_region: str
+    contract_id: str | None = None
+    automatic: bool = Field(False, description="accepted because the review period ran out")
+
+
+@register
+class SubmissionAcceptedV1(SubmissionReviewed):
+    """An annotation was accepted (by the requester or at the end of the review period)."""
+
+    event_type = "submission.accepted"
+    amount: int = Field(description="credits paid to the annotator's firm for it")
+
+
+@register
+class SubmissionRejectedV1(SubmissionReviewed):
+    """An annotation was rejected with a reason; its item is open again."""
+
+    event_type = "submission.rejected"
+    reason: str
+
+
+@register
+class PayoutSettledV1(EventPayload):
+    """Credits moved from the requester's escrow to a vendor firm's available account."""
+
+    event_type = "payout.settled"
+    posting_id: str
+    task_id: str
+    cluster_id: str
+    payer_firm_id: str
+    payee_firm_id: str
+    amount: int
+    annotations: int = Field(description="accepted annotations this payout covers")
+
+
+@register
+class TaskCompletedV1(EventPayload):
+    """A task closed: ``completed`` (all work done or closed early) or ``cancelled``."""
+
+    event_type = "task.completed"
+    task_id: str
+    cluster_id: str
+    requester_firm_id: str
+    requester_region: str
+    outcome: Literal["completed", "cancelled"]
+    accepted_annotations: int
+    items_finished: int
+    refunded: int = Field(description="unspent escrow returned to the requester")
+    vendor_firm_ids: list[str] = Field(default_factory=list)

@@ -187,11 +187,11 @@ class Database:
             await conn.execute(sa.text("SELECT 1"))
 
     # -- migrations ------------------------------------------------------------------
-    async def migrate(self, migrations_dir: Path, revision: str = "head") -> None:
-        """Bring the schema to ``revision`` with the service's own Alembic tree."""
+    async def migrate(self, migrations_dir: Path, revision: str = "heads") -> None:
+        """Bring the schema to ``revision`` (every head by default) with its Alembic tree."""
         await asyncio.to_thread(self.migrate_sync, migrations_dir, revision)
 
-    def migrate_sync(self, migrations_dir: Path, revision: str = "head") -> None:
+    def migrate_sync(self, migrations_dir: Path, revision: str = "heads") -> None:
         from alembic import command
         from alembic.config import Config
 
