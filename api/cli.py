@@ -91,7 +91,7 @@ def serve(
 def migrate(
     service: Annotated[Service | None, typer.Argument(help="one service; all when omitted")] = None,
     data_dir: DataDir = None,
-    revision: Annotated[str, typer.Option(help="target revision")] = "head",
+    revision: Annotated[str, typer.Option(help="target revision")] = "heads",
 ) -> None:
     """Bring each service's database to the latest (or given) revision."""
     from services.kit.db import Database
