@@ -19,6 +19,7 @@ the same function serves an annotator's submission and a requester's gold answer
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -216,3 +217,127 @@ def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err.get("loc", ()))
     return f"{where}: {err['msg']}" if where else str(err["msg"])
+
+
+# -- comparing answers ---------------------------------------------------------------
+IOU_MATCH = 0.5
+"""Two boxes (or spans of the same label) match when their intersection over union is
+at least this; the usual threshold of object-detection benchmarks."""
+
+
+def agreement(kind: str, answer: Any, reference: Any) -> float:
+    """How far ``answer`` agrees with ``reference`` (a gold answer), from 0 to 1.
+
+    - ``single_label``: 1 if the labels are equal, else 0;
+    - ``multi_label``: Jaccard similarity of the label sets (1 when both are empty);
+    - ``span`` and ``bbox``: F1 of a greedy one-to-one matching of same-label regions
+      whose IoU is at least :data:`IOU_MATCH` (1 when both are empty);
+    - ``transcription``: 1 - normalised Levenshtein distance after folding case and
+      whitespace.
+
+    Both answers must already be normalised by :func:`validate_answer`.
+    """
+    if kind == "single_label":
+        return 1.0 if answer["label"] == reference["label"] else 0.0
+    if kind == "multi_label":
+        a, b = set(answer["labels"]), set(reference["labels"])
+        return 1.0 if not a and not b else len(a & b) / len(a | b)
+    if kind == "span":
+        return _region_f1(
+            [(s["label"], (s["start"], s["end"])) for s in answer["spans"]],
+            [(s["label"], (s["start"], s["end"])) for s in reference["spans"]],
+            _span_iou,
+        )
+    if kind == "bbox":
+        return _region_f1(
+            [(b["label"], (b["x"], b["y"], b["w"], b["h"])) for b in answer["boxes"]],
+            [(b["label"], (b["x"], b["y"], b["w"], b["h"])) for b in reference["boxes"]],
+            _box_iou,
+        )
+    if kind == "transcription":
+        a_text, b_text = _fold(answer["text"]), _fold(reference["text"])
+        longest = max(len(a_text), len(b_text))
+        return 1.0 if longest == 0 else 1.0 - _levenshtein(a_text, b_text) / longest
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+GOLD_PASS = 0.8
+"""An answer to a gold item counts as correct when its :func:`agreement` with the gold
+answer is at least this (exactly equal for single labels)."""
+
+
+def correct(kind: str, answer: Any, gold: Any) -> bool:
+    """Whether an answer to a gold item counts as correct."""
+    return agreement(kind, answer, gold) >= GOLD_PASS
+
+
+def category(kind: str, answer: Any) -> str:
+    """A hashable class of an answer for categorical aggregation (majority vote,
+    Dawid-Skene): the label, the sorted label set, or the canonical JSON otherwise."""
+    if kind == "single_label":
+        return str(answer["label"])
+    if kind == "multi_label":
+        return "|".join(sorted(answer["labels"]))
+    return json.dumps(answer, sort_keys=True, separators=(",", ":"))
+
+
+def _region_f1(
+    found: list[tuple[str, tuple[float, ...]]],
+    truth: list[tuple[str, tuple[float, ...]]],
+    iou: Any,
+) -> float:
+    if not found and not truth:
+        return 1.0
+    if not found or not truth:
+        return 0.0
+    pairs = sorted(
+        (
+            (iou(f, t), i, j)
+            for i, (f_label, f) in enumerate(found)
+            for j, (t_label, t) in enumerate(truth)
+            if f_label == t_label
+        ),
+        reverse=True,
+    )
+    used_found: set[int] = set()
+    used_truth: set[int] = set()
+    for score, i, j in pairs:
+        if score < IOU_MATCH:
+            break
+        if i not in used_found and j not in used_truth:
+            used_found.add(i)
+            used_truth.add(j)
+    matched = len(used_found)
+    return 2 * matched / (len(found) + len(truth))
+
+
+def _span_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = (a[1] - a[0]) + (b[1] - b[0]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    iw = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
+    ih = max(0.0, min(ay + ah, by + bh) - max(ay, by))
+    inter = iw * ih
+    union = aw * ah + bw * bh - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def _levenshtein(a: str, b: str) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]

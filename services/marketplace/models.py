@@ -130,6 +130,10 @@ class Assignment(MarketplaceBase, table=True):
     annotator_firm_id: str = Field(max_length=40)
     gold: bool = False
     status: str = Field(default="leased", max_length=16)  # leased | submitted | released
+    contract_id: str | None = Field(default=None, max_length=40, index=True)
+    """The vendor's contract this lease counts against (contracted tasks only)."""
+    unit_price: int | None = None
+    """Credits an accepted answer pays: the contract's price, else the task's reward."""
     leased_at: datetime = _created()
     expires_at: datetime = _ts()
     submitted_at: datetime | None = _ts(default=None)

@@ -493,6 +493,7 @@ async def _allocate(
                 gold=gold,
                 leased_at=now,
                 expires_at=expires,
+                unit_price=None if gold else task.reward_per_annotation,
             )
             session.add(assignment)
             out.append((assignment, item))
