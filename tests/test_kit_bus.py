@@ -290,3 +290,54 @@ async def test_stop_and_start_again_resumes_where_the_group_was(
     await bus.start()
     await wait_for(sink.has(second.id), what="the event published while stopped")
     assert sink.ids == [first.id, second.id]
+
+
+async def test_stop_finishes_and_acknowledges_the_entry_in_hand(
+    buses: Callable[..., RedisStreamsBus], redis: Redis, redis_prefix: str
+) -> None:
+    started = asyncio.Event()
+    finished: list[str] = []
+
+    async def slow(env: Envelope) -> None:
+        started.set()
+        await asyncio.sleep(0.5)
+        finished.append(env.id)
+
+    bus = buses("draining")
+    bus.subscribe(GROUP, slow, sources=[SERVICE])
+    await bus.start()
+    sent = envelope()
+    await bus.publish(sent)
+    await asyncio.wait_for(started.wait(), 10)
+    await bus.stop()
+    assert finished == [sent.id]  # not cancelled half-way
+    pending = await redis.xpending(stream_name(redis_prefix, SERVICE), GROUP)
+    assert pending["pending"] == 0  # and acknowledged before the reader ended
+
+
+async def test_consumer_lag_gauges_follow_the_group(
+    buses: Callable[..., RedisStreamsBus], redis_prefix: str
+) -> None:
+    from services.kit.telemetry import CONSUMER_LAG, CONSUMER_PENDING
+
+    seen: list[str] = []
+
+    async def record(env: Envelope) -> None:
+        seen.append(env.id)
+
+    bus = buses("gauged")
+    bus.subscribe(GROUP, record, sources=[SERVICE])
+    await bus.start()
+    for n in range(3):
+        await bus.publish(envelope(n))
+
+    async def all_seen() -> bool:
+        return len(seen) == 3
+
+    await wait_for(all_seen, what="three events handled")
+    sub = bus.subscriptions[0]
+    CONSUMER_LAG.labels(GROUP, SERVICE).set(99)
+    sub.lag_reported_at = float("-inf")
+    await bus._report_lag(sub)
+    assert CONSUMER_LAG.labels(GROUP, SERVICE)._value.get() == 0
+    assert CONSUMER_PENDING.labels(GROUP, SERVICE)._value.get() == 0

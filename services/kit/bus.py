@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from api.events import Envelope
+from services.kit.telemetry import CONSUMER_LAG, CONSUMER_PENDING
 
 log = logging.getLogger("onecluster.bus")
 Handler = Callable[[Envelope], Awaitable[None]]
@@ -52,12 +53,17 @@ class Bus(Protocol):
     async def stop(self) -> None: ...
 
 
+LAG_REPORT_INTERVAL = 15.0
+"""Seconds between two ``XINFO GROUPS`` reads that set the consumer-lag gauges."""
+
+
 @dataclass
 class _Subscription:
     group: str
     handler: Handler
     sources: frozenset[str]
     types: frozenset[str] = field(default_factory=frozenset)
+    lag_reported_at: float = float("-inf")
 
     def wants(self, envelope: Envelope) -> bool:
         return envelope.source in self.sources and (not self.types or envelope.type in self.types)
@@ -151,9 +157,14 @@ class RedisStreamsBus:
         for sub in self.subscriptions:
             self._spawn(sub)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop reading: each reader finishes (and acknowledges) the entry in hand, then
+        ends; readers still busy after ``grace`` seconds are cancelled, and what they held
+        stays pending for another replica's ``XAUTOCLAIM``."""
         self._running = False
         self._stopping.set()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=grace + self.block_ms / 1000)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -186,7 +197,10 @@ class RedisStreamsBus:
                 )
                 for stream, entries in replies or []:
                     await self._handle_entries(sub, stream, entries)
+                if self._stopping.is_set():
+                    break
                 await self._reclaim(sub)
+                await self._report_lag(sub)
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
@@ -205,8 +219,28 @@ class RedisStreamsBus:
             if entries:
                 await self._handle_entries(sub, stream, entries)
 
+    async def _report_lag(self, sub: _Subscription) -> None:
+        """Set the consumer-lag gauges from ``XINFO GROUPS``, at most every 15 seconds."""
+        now = asyncio.get_running_loop().time()
+        if now - sub.lag_reported_at < LAG_REPORT_INTERVAL:
+            return
+        sub.lag_reported_at = now
+        for source in sub.sources:
+            stream = stream_name(self.prefix, source)
+            for group in await self.redis.xinfo_groups(stream):
+                name = group.get("name")
+                if isinstance(name, bytes):
+                    name = name.decode()
+                if name != sub.group:
+                    continue
+                lag = group.get("lag")
+                CONSUMER_LAG.labels(sub.group, source).set(lag if lag is not None else -1)
+                CONSUMER_PENDING.labels(sub.group, source).set(group.get("pending") or 0)
+
     async def _handle_entries(self, sub: _Subscription, stream: Any, entries: list[Any]) -> None:
         for entry_id, fields in entries:
+            if self._stopping.is_set():
+                return  # the rest stays pending; XAUTOCLAIM hands it to another replica
             if not fields:  # deleted by MAXLEN trimming while pending
                 await self.redis.xack(stream, sub.group, entry_id)
                 continue

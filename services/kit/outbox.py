@@ -26,10 +26,17 @@ from api.events import Envelope, EventPayload
 from services.kit.bus import Bus, BusUnavailable
 from services.kit.db import Database, UTCDateTime, utcnow
 from services.kit.ids import new_id
-from services.kit.telemetry import OUTBOX_BACKLOG, OUTBOX_DEAD_LETTERED, OUTBOX_PUBLISHED
+from services.kit.telemetry import (
+    OUTBOX_BACKLOG,
+    OUTBOX_DEAD_LETTERED,
+    OUTBOX_OLDEST_AGE,
+    OUTBOX_PUBLISHED,
+)
 
 log = logging.getLogger("onecluster.outbox")
 MAX_ATTEMPTS = 20
+BACKLOG_GAUGE_INTERVAL = 15.0
+"""Seconds between two refreshes of the outbox backlog and oldest-age gauges."""
 
 
 class OutboxFields(SQLModel):
@@ -91,6 +98,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._gauged_at = float("-inf")
         db.after_commit.append(self._after_commit)
 
     def _after_commit(self, session: Any) -> None:
@@ -102,6 +110,7 @@ class OutboxRelay:
 
     def start(self) -> None:
         self._stopping = False
+        self._gauged_at = float("-inf")
         self._wake.set()  # publish what was left unsent before this start at once
         self._task = asyncio.create_task(self._run(), name=f"outbox-relay:{self.source}")
 
@@ -136,6 +145,10 @@ class OutboxRelay:
                 while await self.drain_once() == self.batch_size and not self._stopping:
                     pass
                 backoff = self.poll_interval
+                now = asyncio.get_running_loop().time()
+                if now - self._gauged_at >= BACKLOG_GAUGE_INTERVAL:
+                    self._gauged_at = now
+                    await self.backlog()  # sets the backlog and oldest-age gauges
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -210,6 +223,7 @@ class OutboxRelay:
                 oldest = datetime.fromisoformat(str(oldest)).replace(tzinfo=UTC)
             age = (utcnow() - oldest).total_seconds()
         OUTBOX_BACKLOG.labels(self.source).set(count)
+        OUTBOX_OLDEST_AGE.labels(self.source).set(age)
         return int(count), age
 
 

@@ -42,6 +42,19 @@ OUTBOX_DEAD_LETTERED = Counter(
     ["service"],
 )
 OUTBOX_BACKLOG = Gauge("outbox_backlog_events", "Unsent outbox events", ["service"])
+OUTBOX_OLDEST_AGE = Gauge(
+    "outbox_oldest_unsent_age_seconds", "Age of the oldest unsent outbox event", ["service"]
+)
+CONSUMER_LAG = Gauge(
+    "event_consumer_lag_events",
+    "Stream entries not yet delivered to the consumer group (-1: Redis cannot tell)",
+    ["group", "source"],
+)
+CONSUMER_PENDING = Gauge(
+    "event_consumer_pending_events",
+    "Entries delivered to the consumer group and not yet acknowledged",
+    ["group", "source"],
+)
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
