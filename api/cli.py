@@ -19,11 +19,13 @@ class Target(StrEnum):
     all = "all"
     membership = "membership"
     marketplace = "marketplace"
+    messaging = "messaging"
 
 
 class Service(StrEnum):
     membership = "membership"
     marketplace = "marketplace"
+    messaging = "messaging"
 
 
 DataDir = Annotated[

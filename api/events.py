@@ -264,3 +264,26 @@ class TaskCompletedV1(EventPayload):
     items_finished: int
     refunded: int = Field(description="unspent escrow returned to the requester")
     vendor_firm_ids: list[str] = Field(default_factory=list)
+
+
+# -- messaging -----------------------------------------------------------------------
+ChannelKind = Literal["general", "public", "private", "direct"]
+
+
+@register
+class MessagePostedV1(EventPayload):
+    """A message was posted in a channel (who talks to whom, for the collaboration graph)."""
+
+    event_type = "message.posted"
+    message_id: str
+    channel_id: str
+    cluster_id: str
+    channel_kind: ChannelKind
+    seq: int
+    sender_id: str
+    sender_firm_id: str
+    mentioned_firm_ids: list[str] = Field(
+        default_factory=list,
+        description="firms mentioned directly or through one of their users, sender's excluded",
+    )
+    posted_at: datetime

@@ -34,8 +34,9 @@ def service_factories() -> dict[str, Factory]:
     """The services this build contains, in start-up order (membership first: it holds keys)."""
     from services.marketplace.app import create_app as marketplace
     from services.membership.app import create_app as membership
+    from services.messaging.app import create_app as messaging
 
-    return {"membership": membership, "marketplace": marketplace}
+    return {"membership": membership, "marketplace": marketplace, "messaging": messaging}
 
 
 class Gateway:

@@ -68,6 +68,28 @@ class Settings(BaseSettings):
     idempotency_ttl: int = Field(86400, ge=60, description="seconds an Idempotency-Key lives")
     outbox_poll_interval: float = Field(1.0, gt=0, description="seconds between relay polls")
 
+    messaging_max_message_bytes: int = Field(
+        16_384, ge=256, le=1_048_576, description="largest message text, UTF-8 bytes"
+    )
+    messaging_max_frame_bytes: int = Field(
+        131_072, ge=1024, le=4_194_304, description="largest WebSocket frame a client may send"
+    )
+    messaging_send_queue: int = Field(
+        256, ge=1, le=100_000, description="frames queued per socket before it counts as slow"
+    )
+    messaging_replay_limit: int = Field(
+        1000, ge=1, description="most events replayed on subscribe; beyond: resync_required"
+    )
+    messaging_send_rate_per_minute: int = Field(
+        120, ge=1, description="messages one user may send per minute (REST and WebSocket)"
+    )
+    messaging_auth_timeout: float = Field(
+        10.0, gt=0, description="seconds a new socket has to send its auth frame"
+    )
+    messaging_sweep_interval: float = Field(
+        2.0, gt=0, description="seconds between checks that catch notifications lost in transit"
+    )
+
     log_level: str = "INFO"
     log_json: bool = True
 

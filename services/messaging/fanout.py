@@ -1,0 +1,349 @@
+"""Live delivery of committed channel events to this replica's WebSocket subscribers.
+
+The database is the truth; a notification only says "channel C has an event at seq N"
+(with the event's frame, so the common case needs no read). After a commit the writing
+replica delivers to its own sockets and publishes the notification on Redis pub/sub
+(``<prefix>:messaging:fanout``); every other replica delivers it to theirs. Embedded
+mode has no Redis and needs nothing more: everything is in this process.
+
+Each subscription remembers the last seq it sent. A notification whose seq is not
+``last + 1`` (a lost or reordered notification, a replica that came up late) makes the
+subscription read the missing range from ``channel_events`` before it sends anything
+newer, so a subscriber gets every event once and in order. Pub/sub is at most once, so
+a periodic sweep compares each subscribed channel's ``last_seq`` with what was sent and
+fetches what a lost notification (or a writer that died between commit and publish)
+left behind; a Redis reconnect triggers the same check at once.
+
+Each socket has a bounded queue of frames. A socket whose client does not read fast
+enough fills it and is closed with 4008 ("slow consumer"); nobody else waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from services.kit.auth import Principal
+from services.kit.db import Database
+from services.kit.settings import Settings
+from services.messaging import service
+from services.messaging.models import Channel
+
+log = logging.getLogger("onecluster.messaging.fanout")
+
+CLOSE_SERVICE_RESTART = 1012
+CLOSE_TOKEN_EXPIRED = 4001
+CLOSE_SLOW_CONSUMER = 4008
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+REPLAY_BATCH = 500
+
+
+def frame(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"v": 1, "type": kind, **fields}
+
+
+@dataclass(eq=False)
+class Subscription:
+    conn: Connection
+    channel_id: str
+    cluster_id: str
+    last: int
+    target: int = 0
+    catching_up: bool = False
+    task: asyncio.Task[None] | None = None
+
+    def offer(self, seq: int, payload: dict[str, Any]) -> None:
+        """A live event: send it if it is the next one, else fetch the gap first."""
+        if seq <= self.last or self.conn.closed:
+            return
+        if seq == self.last + 1 and not self.catching_up:
+            self.last = seq
+            self.conn.push(payload)
+            return
+        self.behind(seq)
+
+    def behind(self, seq: int) -> None:
+        """The channel has reached ``seq``: catch up from the database."""
+        self.target = max(self.target, seq)
+        if not self.catching_up and self.target > self.last:
+            self.catching_up = True
+            self.task = asyncio.create_task(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        hub = self.conn.hub
+        try:
+            while self.last < self.target and not self.conn.closed:
+                if self.target - self.last > hub.settings.messaging_replay_limit:
+                    self.conn.push(
+                        frame(
+                            "resync_required",
+                            channel_id=self.channel_id,
+                            since_seq=self.last,
+                            last_seq=self.target,
+                        )
+                    )
+                    hub.unsubscribe(self)
+                    return
+                async with hub.db.read_scope() as session:
+                    frames = await service.channel_events(
+                        session, self.channel_id, self.last, self.target, REPLAY_BATCH
+                    )
+                if not frames or self.conn.subs.get(self.channel_id) is not self:
+                    return  # not committed yet as far as this read saw, or unsubscribed
+                for payload in frames:
+                    if payload["seq"] == self.last + 1:
+                        self.last = payload["seq"]
+                        self.conn.push(payload)
+        except Exception:
+            log.exception("catch-up of %s failed; the sweep retries", self.channel_id)
+        finally:
+            self.catching_up = False
+
+
+@dataclass(eq=False)
+class Connection:
+    """One authenticated socket: its principal, subscriptions and outgoing queue."""
+
+    hub: Hub
+    principal: Principal
+    caller: service.Caller
+    queue: asyncio.Queue[dict[str, Any]]
+    subs: dict[str, Subscription] = field(default_factory=dict)
+    closed: bool = False
+    close_code: int = 1000
+    close_reason: str = ""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def push(self, payload: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        try:
+            self.queue.put_nowait(payload)
+        except asyncio.QueueFull:
+            self.fail(CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def fail(self, code: int, reason: str) -> None:
+        """End the connection with ``code``; the socket's handler closes it."""
+        if self.closed:
+            return
+        self.closed, self.close_code, self.close_reason = True, code, reason
+        for sub in list(self.subs.values()):
+            self.hub.unsubscribe(sub)
+        self.done.set()
+
+
+class Hub:
+    """This replica's sockets and subscriptions, and the notification transport."""
+
+    def __init__(self, db: Database, settings: Settings, redis: Redis | None) -> None:
+        self.db = db
+        self.settings = settings
+        self.redis = redis
+        self.channel = f"{settings.redis_prefix}:messaging:fanout"
+        self.connections: set[Connection] = set()
+        self.by_channel: dict[str, set[Subscription]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+
+    # -- life cycle --------------------------------------------------------------------
+    def start(self) -> None:
+        self.db.after_commit.append(self.after_commit)
+        self._spawn(self._sweep())
+        if self.redis is not None:
+            self._spawn(self._listen())
+
+    async def stop(self) -> None:
+        """Close every socket with 1012 (service restart): clients reconnect elsewhere."""
+        self._stopping = True
+        for conn in list(self.connections):
+            conn.fail(CLOSE_SERVICE_RESTART, "server restart")
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.after_commit in self.db.after_commit:
+            self.db.after_commit.remove(self.after_commit)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- connections and subscriptions -------------------------------------------------
+    def connect(self, principal: Principal) -> Connection:
+        conn = Connection(
+            self,
+            principal,
+            service.caller_of(principal),
+            asyncio.Queue(maxsize=self.settings.messaging_send_queue),
+        )
+        self.connections.add(conn)
+        return conn
+
+    def disconnect(self, conn: Connection) -> None:
+        conn.fail(conn.close_code if conn.closed else 1000, conn.close_reason)
+        self.connections.discard(conn)
+
+    async def subscribe(self, conn: Connection, channel_id: str, since: int | None) -> None:
+        """Replay the events after ``since``, then stream live; raises NotFound for no access."""
+        old = conn.subs.get(channel_id)
+        if old is not None:
+            self.unsubscribe(old)
+        sub = Subscription(conn, channel_id, "", last=since or 0, catching_up=True)
+        # Registered before the channel is read: a notification that arrives meanwhile
+        # only raises the target, so nothing between the read and now is missed.
+        conn.subs[channel_id] = sub
+        self.by_channel.setdefault(channel_id, set()).add(sub)
+        try:
+            async with self.db.read_scope() as session:
+                access = await service.channel_access(session, conn.caller, channel_id)
+        except BaseException:
+            self.unsubscribe(sub)
+            raise
+        last = access.channel.last_seq
+        sub.cluster_id = access.channel.cluster_id
+        start = last if since is None else since
+        if start > last or last - start > self.settings.messaging_replay_limit:
+            self.unsubscribe(sub)
+            conn.push(
+                frame("resync_required", channel_id=channel_id, since_seq=start, last_seq=last)
+            )
+            return
+        sub.last = start
+        conn.push(frame("subscribed", channel_id=channel_id, since_seq=start, last_seq=last))
+        sub.catching_up = False
+        sub.behind(max(last, sub.target))
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub.conn.subs.get(sub.channel_id) is sub:
+            del sub.conn.subs[sub.channel_id]
+        subs = self.by_channel.get(sub.channel_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self.by_channel[sub.channel_id]
+        if sub.task is not None and not sub.task.done() and sub.task is not asyncio.current_task():
+            sub.task.cancel()
+
+    # -- notifications -----------------------------------------------------------------
+    def after_commit(self, session: AsyncSession) -> None:
+        """Announce what a committed transaction did (events, access changes)."""
+        notes = [{"k": "e", "frame": f} for f in session.info.pop(service.EVENTS_KEY, [])]
+        notes += [{"k": "a", "scope": s} for s in session.info.pop(service.ACCESS_KEY, [])]
+        for note in notes:
+            self.deliver(note)
+            if self.redis is not None:
+                self._spawn(self._publish(note))
+
+    async def _publish(self, note: dict[str, Any]) -> None:
+        assert self.redis is not None
+        try:
+            await self.redis.publish(self.channel, json.dumps(note, separators=(",", ":")))
+        except Exception as exc:  # the sweep delivers what this notification would have
+            log.warning("fan-out publish failed: %r", exc)
+
+    def deliver(self, note: dict[str, Any]) -> None:
+        if note.get("k") == "e":
+            payload = note["frame"]
+            for sub in list(self.by_channel.get(payload["channel_id"], ())):
+                sub.offer(int(payload["seq"]), payload)
+        elif note.get("k") == "a":
+            self._spawn(self._recheck(note["scope"]))
+
+    async def _recheck(self, scope: dict[str, str]) -> None:
+        """Drop the subscriptions an access change ended (left the cluster, firm, channel)."""
+        matches: Callable[[Subscription], bool] = lambda sub: all(  # noqa: E731
+            value
+            == {
+                "user_id": sub.conn.caller.user_id,
+                "firm_id": sub.conn.caller.firm_id,
+                "cluster_id": sub.cluster_id,
+                "channel_id": sub.channel_id,
+            }.get(key)
+            for key, value in scope.items()
+        )
+        affected = [s for subs in self.by_channel.values() for s in subs if matches(s)]
+        for sub in affected:
+            async with self.db.read_scope() as session:
+                readable = await service.readable_channels(
+                    session, sub.conn.caller, [sub.channel_id]
+                )
+            if sub.channel_id not in readable and sub.conn.subs.get(sub.channel_id) is sub:
+                self.unsubscribe(sub)
+                sub.conn.push(
+                    frame("unsubscribed", channel_id=sub.channel_id, reason="access_revoked")
+                )
+
+    async def _listen(self) -> None:
+        assert self.redis is not None
+        backoff = 0.1
+        while not self._stopping:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self.sweep_soon()  # whatever was published while we were not listening
+                backoff = 0.1
+                while not self._stopping:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        try:
+                            self.deliver(json.loads(message["data"]))
+                        except (ValueError, KeyError, TypeError):
+                            log.warning("ignoring a malformed fan-out notification")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("fan-out listener: %r; retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def sweep_soon(self) -> None:
+        self._spawn(self.sweep_once())
+
+    async def _sweep(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.settings.messaging_sweep_interval)
+            try:
+                await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("fan-out sweep: %r", exc)
+
+    async def sweep_once(self) -> None:
+        """Catch subscriptions up with their channels; end sockets whose token ran out."""
+        now = time.time()
+        for conn in list(self.connections):
+            if conn.principal.expires_at < now:
+                conn.fail(CLOSE_TOKEN_EXPIRED, "token expired")
+        channel_ids = list(self.by_channel)
+        for start in range(0, len(channel_ids), 500):
+            chunk = channel_ids[start : start + 500]
+            async with self.db.read_scope() as session:
+                rows = (
+                    await session.execute(
+                        sa.select(col(Channel.id), col(Channel.last_seq)).where(
+                            col(Channel.id).in_(chunk)
+                        )
+                    )
+                ).all()
+            for channel_id, last_seq in rows:
+                for sub in list(self.by_channel.get(channel_id, ())):
+                    if last_seq > sub.last:
+                        sub.behind(int(last_seq))

@@ -1,0 +1,171 @@
+"""Builders for messaging tests: a cluster of three firms with users, and served replicas.
+
+Messaging learns clusters and memberships from membership's events after membership's
+commit; :func:`settle` waits (bounded) until it has applied every one so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+
+from tests.marketplace_support import add_member, join, owner_of, vendor_profile
+from tests.oauth_flow import bearer
+from tests.served import ROOT, free_port
+
+
+async def settle(gateway: Any, timeout: float = 15.0) -> None:
+    """Wait until messaging consumed every membership event published so far."""
+    from services.messaging.consumers import CONSUMER, TYPES
+
+    membership = gateway.apps["membership"].state.db
+    messaging = gateway.apps["messaging"].state.db
+    deadline = time.monotonic() + timeout
+    while True:
+        async with membership.sessionmaker() as session:
+            rows = (await session.execute(sa.text("SELECT id, type FROM outbox"))).all()
+        wanted = {event_id for event_id, kind in rows if kind in TYPES}
+        async with messaging.sessionmaker() as session:
+            done = set(
+                (
+                    await session.execute(
+                        sa.text("SELECT event_id FROM processed_events WHERE consumer = :c"),
+                        {"c": CONSUMER},
+                    )
+                ).scalars()
+            )
+        if wanted <= done:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"messaging read model lacks {len(wanted - done)} events")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class World:
+    """Firm ``op`` runs the cluster; ``sx`` and ``nm`` are members; ``out`` is not."""
+
+    cluster_id: str
+    firms: dict[str, str] = field(default_factory=dict)  # name → firm id
+    tokens: dict[str, dict] = field(default_factory=dict)  # person → tokens
+    ids: dict[str, str] = field(default_factory=dict)  # person → user id
+
+    def h(self, person: str) -> dict[str, str]:
+        return bearer(self.tokens[person])
+
+
+async def build_world(client: httpx.AsyncClient, gateway: Any, tag: str = "w") -> World:
+    """Owners op/sx/nm/out of their firms, plus users op2 (member) and sx2 (annotator)."""
+    op_id, op = await owner_of(client, f"op@{tag}.example", vendor_profile(f"{tag}-op", "CN-BJ"))
+    cluster = await client.post(
+        "/v1/clusters", json={"name": f"{tag} cluster", "core_region": "CN-BJ"}, headers=bearer(op)
+    )
+    assert cluster.status_code == 201, cluster.text
+    world = World(cluster.json()["id"])
+    world.firms["op"], world.tokens["op"] = op_id, op
+    for name, region in (("sx", "CN-SX"), ("nm", "CN-NM"), ("out", "CN-HE")):
+        firm_id, owner = await owner_of(
+            client, f"{name}@{tag}.example", vendor_profile(f"{tag}-{name}", region)
+        )
+        if name != "out":
+            await join(client, op, world.cluster_id, firm_id, owner)
+        world.firms[name], world.tokens[name] = firm_id, owner
+    world.tokens["op2"] = await add_member(client, op, op_id, f"op2@{tag}.example", "member")
+    world.tokens["sx2"] = await add_member(
+        client, world.tokens["sx"], world.firms["sx"], f"sx2@{tag}.example"
+    )
+    for person, tokens in world.tokens.items():
+        me = await client.get("/v1/users/me", headers=bearer(tokens))
+        world.ids[person] = me.json()["id"]
+    if gateway is not None:
+        await settle(gateway)
+    return world
+
+
+async def general_of(client: httpx.AsyncClient, world: World, person: str = "op") -> dict:
+    listed = await client.get(
+        "/v1/channels",
+        params={"cluster_id": world.cluster_id, "kind": "general"},
+        headers=world.h(person),
+    )
+    assert listed.status_code == 200, listed.text
+    (general,) = listed.json()["items"]
+    return general
+
+
+async def post(
+    client: httpx.AsyncClient, world: World, person: str, channel_id: str, text: str, **extra: Any
+) -> httpx.Response:
+    return await client.post(
+        f"/v1/channels/{channel_id}/messages", json={"text": text, **extra}, headers=world.h(person)
+    )
+
+
+@contextlib.contextmanager
+def replica(
+    tmp_path: Path,
+    name: str,
+    database_url: str | None,
+    redis_prefix: str,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A served platform (``onecluster serve``) and its process handle, stopped on exit.
+
+    Several replicas share the test's PostgreSQL and Redis; each has its own log file.
+    """
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONECLUSTER_")}
+    env.update(
+        {
+            "ONECLUSTER_ENV": "test",
+            "ONECLUSTER_SECRET_KEY": "served-test-secret",
+            "ONECLUSTER_REDIS_PREFIX": redis_prefix,
+            "ONECLUSTER_PUBLIC_URL": "http://127.0.0.1:1",  # one issuer for every replica
+            "ONECLUSTER_WEB_REDIRECT_URIS": '["http://testserver/cb"]',
+            "ONECLUSTER_RATE_LIMIT_PER_MINUTE": "100000",
+            "ONECLUSTER_FIRM_RATE_LIMIT_PER_MINUTE": "100000",
+            "ONECLUSTER_MESSAGING_SEND_RATE_PER_MINUTE": "100000",
+        }
+    )
+    if database_url:
+        env["ONECLUSTER_DATABASE_URL"] = database_url
+    if os.environ.get("ONECLUSTER_TEST_REDIS_URL"):
+        env["ONECLUSTER_REDIS_URL"] = os.environ["ONECLUSTER_TEST_REDIS_URL"]
+    env.update(extra_env or {})
+    log = tmp_path / f"{name}.log"
+    command = [sys.executable, "-m", "api.cli", "serve", "--port", str(port)]
+    command += ["--data-dir", str(tmp_path / "var")]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("server did not become ready:\n" + log.read_text()[-3000:])
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
