@@ -408,3 +408,10 @@ def test_alert_rules_and_dashboard_use_metrics_that_exist() -> None:
         for t in group["targets"]
     }
     assert targets == set(SERVICES)
+
+
+# -- operator guide ---------------------------------------------------------------------
+def test_the_operator_guide_lists_every_setting() -> None:
+    guide = (ROOT / "OPERATIONS.md").read_text()
+    missing = {name for name in setting_env_names() if f"`{name}`" not in guide}
+    assert not missing, f"OPERATIONS.md does not list {sorted(missing)}"
