@@ -34,6 +34,19 @@ def serve_platform(
     The environment is the test run's own minus every ``ONECLUSTER_`` variable, plus the
     test database and Redis of this run; the server's output goes to ``server.log``.
     """
+    with served_process(tmp_path, database_url, redis_prefix, extra_env) as (base, _):
+        yield base
+
+
+@contextlib.contextmanager
+def served_process(
+    tmp_path: Path,
+    database_url: str | None,
+    redis_prefix: str,
+    extra_env: dict[str, str] | None = None,
+    target: str = "all",
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Like :func:`serve_platform` for one ``target``, also handing out the process."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONECLUSTER_")}
     env.update(
@@ -49,7 +62,7 @@ def serve_platform(
         env["ONECLUSTER_REDIS_URL"] = os.environ["ONECLUSTER_TEST_REDIS_URL"]
     env.update(extra_env or {})
     log = tmp_path / "server.log"
-    command = [sys.executable, "-m", "api.cli", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "api.cli", "serve", target, "--port", str(port)]
     command += ["--data-dir", str(tmp_path / "var")]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -65,7 +78,7 @@ def serve_platform(
                 time.sleep(0.2)
         else:
             raise AssertionError("server did not become ready:\n" + log.read_text()[-3000:])
-        yield base
+        yield base, proc
     finally:
         proc.terminate()
         try:
