@@ -287,3 +287,35 @@ class MessagePostedV1(EventPayload):
         description="firms mentioned directly or through one of their users, sender's excluded",
     )
     posted_at: datetime
+
+
+# -- metrics -------------------------------------------------------------------------
+@register
+class TaskFirstClaimedV1(EventPayload):
+    """The first claim of a task's items (metrics: time from publication to first claim).
+
+    Emitted by the marketplace once per task, with the claim that leased its first item.
+    """
+
+    event_type = "task.first_claimed"
+    task_id: str
+    cluster_id: str
+    requester_firm_id: str
+    claimer_firm_id: str
+    claimed_at: datetime
+
+
+@register
+class ClusterClassificationChangedV1(EventPayload):
+    """A cluster's recorded type or agglomeration form changed (or was first recorded)."""
+
+    event_type = "cluster.classification_changed"
+    cluster_id: str
+    label: str = Field(description="cluster type, or insufficient_evidence / not_yet")
+    form: str | None = None
+    previous_label: str | None = None
+    previous_form: str | None = None
+    agreement: float | None = Field(None, description="bootstrap share of runs that agree")
+    band: str | None = Field(None, description="high, medium or low confidence")
+    config_version: str
+    as_of: datetime
