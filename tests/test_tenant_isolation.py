@@ -40,6 +40,7 @@ class Case:
 PUBLIC = {("POST", "/v1/users"), ("GET", "/v1/industries"), ("GET", "/v1/regions")}
 CLIENT = {"name": "ETL", "scope": "membership:read"}
 PARK = {"name": "Park", "region": "CN-BJ", "city": "Beijing", "capacity": 3}
+WEBHOOK = {"url": "https://93.184.215.14/hook", "events": ["payout.settled"]}
 TASK = {
     "cluster_id": "{cluster_id}",
     "title": "Sentiment",
@@ -148,6 +149,21 @@ CASES: dict[tuple[str, str], Case] = {
         body={"answers": [{"assignment_id": "{assignment_id}", "answer": {"label": "x"}}]},
         lower=("a1x", 403),
     ),
+    # webhooks: fa1's owner a1 manages fa1's; a1x, its annotator, may not
+    ("POST", "/v1/webhooks"): Case(body=WEBHOOK, foreign=None, lower=("a1x", 403)),
+    ("GET", "/v1/webhooks"): Case(foreign=None, lower=("a1x", 403)),
+    ("GET", "/v1/webhooks/{webhook_id}"): Case(lower=("a1x", 403)),
+    ("PATCH", "/v1/webhooks/{webhook_id}"): Case(body={"description": "x"}, lower=("a1x", 403)),
+    ("DELETE", "/v1/webhooks/{webhook_id}"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/webhooks/{webhook_id}:rotate-secret"): Case(
+        body={"keep_previous_seconds": 60}, lower=("a1x", 403)
+    ),
+    ("POST", "/v1/webhooks/{webhook_id}:ping"): Case(lower=("a1x", 403)),
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries"): Case(lower=("a1x", 403)),
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}:redeliver"): Case(
+        lower=("a1x", 403)
+    ),
 }
 
 
@@ -227,6 +243,8 @@ def fill(path: str, w: dict[str, Any], overrides: dict[str, str] | None = None) 
         "park_id": w["park_id"],
         "client_id": w["client_id"],
         "task_id": w.get("task_id", ""),
+        "webhook_id": w.get("webhook_id", ""),
+        "delivery_id": w.get("delivery_id", ""),
     }
     if path.startswith("/v1/firms/{firm_id}/members/{user_id}"):
         params["user_id"] = w["a1_id"]  # the owner: an annotator may not touch it
@@ -272,6 +290,12 @@ async def build_market_world(client: httpx.AsyncClient, w: dict[str, Any]) -> No
     )
     assert claimed.status_code == 200, claimed.text
     w["assignment_id"] = claimed.json()["assignments"][0]["assignment_id"]
+    hook = await client.post("/v1/webhooks", json=WEBHOOK, headers=a1)
+    assert hook.status_code == 201, hook.text
+    w["webhook_id"] = hook.json()["id"]
+    pinged = await client.post(f"/v1/webhooks/{w['webhook_id']}:ping", headers=a1)
+    assert pinged.status_code == 202, pinged.text
+    w["delivery_id"] = pinged.json()["id"]
 
 
 async def snapshot(gateway: Any) -> dict[str, set[tuple[Any, ...]]]:
@@ -329,6 +353,8 @@ async def test_every_route_isolates_tenants_and_refuses_bad_input(
     a = await build_world(client, "alpha")
     b = await build_world(client, "beta")
     await settle(gateway)  # the marketplace's read model knows both worlds
+    # Webhook deliveries stay as the worlds leave them: no worker sends them meanwhile.
+    await gateway.apps["marketplace"].state.webhook_worker.stop()
     await build_market_world(client, a)
     await build_market_world(client, b)
     before = await snapshot(gateway)
@@ -358,6 +384,8 @@ async def test_every_route_isolates_tenants_and_refuses_bad_input(
                     "park_id",
                     "client_id",
                     "task_id",
+                    "webhook_id",
+                    "delivery_id",
                 ):
                     unknown = unknown.replace("{" + name + "}", "zzz_00000000000000000000000000")
                 response = await call(method, unknown, a["a1"], body)

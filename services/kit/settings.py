@@ -68,6 +68,23 @@ class Settings(BaseSettings):
     idempotency_ttl: int = Field(86400, ge=60, description="seconds an Idempotency-Key lives")
     outbox_poll_interval: float = Field(1.0, gt=0, description="seconds between relay polls")
 
+    webhook_allow_private_addresses: bool = Field(
+        False,
+        description="let webhooks reach private, loopback and link-local addresses (and "
+        "plain http); for development and tests only",
+    )
+    webhook_timeout: float = Field(10.0, gt=0, le=60, description="seconds per delivery attempt")
+    webhook_max_attempts: int = Field(15, ge=1, le=50, description="attempts before failing")
+    webhook_retry_base: float = Field(
+        10.0, gt=0, description="seconds before the first retry; each next one waits 3x longer"
+    )
+    webhook_retry_max: float = Field(10800.0, gt=0, description="longest wait between retries")
+    webhook_concurrency: int = Field(16, ge=1, le=256, description="HTTP calls in flight")
+    webhook_poll_interval: float = Field(1.0, gt=0, description="seconds between due polls")
+    webhook_delivery_enabled: bool = Field(
+        True, description="run the webhook delivery worker in this process"
+    )
+
     messaging_max_message_bytes: int = Field(
         16_384, ge=256, le=1_048_576, description="largest message text, UTF-8 bytes"
     )

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from services.kit.app import KitModels, ServiceSpec, create_service_app
 from services.kit.runtime import Runtime
 from services.kit.settings import Settings
-from services.marketplace import consumers, kinds, routes
+from services.marketplace import consumers, kinds, routes, webhook_routes, webhooks
 from services.marketplace.models import (
     MarketplaceIdempotencyKey,
     MarketplaceOutbox,
@@ -23,14 +23,15 @@ SPEC = ServiceSpec(
         "Data-annotation tasks posted in a cluster, their items and gold items, and open "
         "allocation of leased assignments to eligible member firms' annotators."
     ),
-    routers=[routes.router],
+    routers=[routes.router, webhook_routes.router],
     models=KitModels(
         outbox=MarketplaceOutbox,
         idempotency=MarketplaceIdempotencyKey,
         processed_events=MarketplaceProcessedEvent,
     ),
     migrations_dir=Path(__file__).parent / "migrations",
-    on_startup=[consumers.on_startup],
+    on_startup=[consumers.on_startup, webhooks.on_startup],
+    on_shutdown=[webhooks.on_shutdown],
     openapi_tags=[
         {
             "name": "tasks",
@@ -38,6 +39,7 @@ SPEC = ServiceSpec(
         },
         {"name": "items", "description": "Bulk import of items and gold items"},
         {"name": "assignments", "description": "Claim, release and submit leased items"},
+        {"name": "webhooks", "description": "Signed HTTP callbacks of marketplace events"},
     ],
 )
 
