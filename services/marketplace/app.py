@@ -9,7 +9,14 @@ from fastapi import FastAPI
 from services.kit.app import KitModels, ServiceSpec, create_service_app
 from services.kit.runtime import Runtime
 from services.kit.settings import Settings
-from services.marketplace import consumers, kinds, routes, webhook_routes, webhooks
+from services.marketplace import (
+    consumers,
+    kinds,
+    results_routes,
+    routes,
+    webhook_routes,
+    webhooks,
+)
 from services.marketplace.models import (
     MarketplaceIdempotencyKey,
     MarketplaceOutbox,
@@ -23,7 +30,7 @@ SPEC = ServiceSpec(
         "Data-annotation tasks posted in a cluster, their items and gold items, and open "
         "allocation of leased assignments to eligible member firms' annotators."
     ),
-    routers=[routes.router, webhook_routes.router],
+    routers=[routes.router, webhook_routes.router, results_routes.router],
     models=KitModels(
         outbox=MarketplaceOutbox,
         idempotency=MarketplaceIdempotencyKey,
@@ -40,6 +47,10 @@ SPEC = ServiceSpec(
         {"name": "items", "description": "Bulk import of items and gold items"},
         {"name": "assignments", "description": "Claim, release and submit leased items"},
         {"name": "webhooks", "description": "Signed HTTP callbacks of marketplace events"},
+        {
+            "name": "results",
+            "description": "Quality report, aggregated results and raw annotation exports",
+        },
     ],
 )
 
