@@ -124,7 +124,9 @@ async def build_market(
     tag: str = "m",
     vendors: dict[str, str] | None = None,
     annotators_per_vendor: int = 1,
+    credits: int = 1_000_000,
 ) -> Market:
+    """The market, with ``credits`` granted to the requester (publishing escrows rewards)."""
     vendors = vendors if vendors is not None else {"sx": "CN-SX", "nm": "CN-NM"}
     requester_id, requester = await owner_of(client, f"req@{tag}.example", REQUESTER)
     cluster = await client.post(
@@ -146,7 +148,32 @@ async def build_market(
         ]
     if gateway is not None:  # a served process is waited for through its API instead
         await settle(gateway)
+    if credits:
+        await grant_credits(client, market.requester, market.cluster_id, requester_id, credits)
     return market
+
+
+async def grant_credits(
+    client: httpx.AsyncClient,
+    operator: dict,
+    cluster_id: str,
+    firm_id: str,
+    amount: int,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """The cluster operator grants ``amount`` credits to a member firm; a 404 or 403 while
+    the marketplace's read model catches up with membership is retried."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = await client.post(
+            "/v1/ledger/grants",
+            json={"cluster_id": cluster_id, "firm_id": firm_id, "amount": amount},
+            headers=bearer(operator),
+        )
+        if response.status_code not in (403, 404) or time.monotonic() > deadline:
+            assert response.status_code == 201, response.text
+            return dict(response.json())
+        await asyncio.sleep(0.1)
 
 
 def task_body(cluster_id: str, **overrides: Any) -> dict[str, Any]:

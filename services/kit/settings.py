@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     login_rate_limit_per_minute: int = Field(20, ge=1, description="login attempts per email+IP")
     idempotency_ttl: int = Field(86400, ge=60, description="seconds an Idempotency-Key lives")
     outbox_poll_interval: float = Field(1.0, gt=0, description="seconds between relay polls")
+    review_sweep_interval: float = Field(
+        30.0, gt=0, description="seconds between sweeps that auto-accept submissions past review"
+    )
 
     webhook_allow_private_addresses: bool = Field(
         False,

@@ -12,7 +12,9 @@ from services.kit.settings import Settings
 from services.marketplace import (
     consumers,
     kinds,
+    ledger_routes,
     results_routes,
+    review,
     routes,
     webhook_routes,
     webhooks,
@@ -30,15 +32,15 @@ SPEC = ServiceSpec(
         "Data-annotation tasks posted in a cluster, their items and gold items, and open "
         "allocation of leased assignments to eligible member firms' annotators."
     ),
-    routers=[routes.router, webhook_routes.router, results_routes.router],
+    routers=[routes.router, webhook_routes.router, results_routes.router, ledger_routes.router],
     models=KitModels(
         outbox=MarketplaceOutbox,
         idempotency=MarketplaceIdempotencyKey,
         processed_events=MarketplaceProcessedEvent,
     ),
     migrations_dir=Path(__file__).parent / "migrations",
-    on_startup=[consumers.on_startup, webhooks.on_startup],
-    on_shutdown=[webhooks.on_shutdown],
+    on_startup=[consumers.on_startup, webhooks.on_startup, review.on_startup],
+    on_shutdown=[webhooks.on_shutdown, review.on_shutdown],
     openapi_tags=[
         {
             "name": "tasks",
@@ -51,6 +53,8 @@ SPEC = ServiceSpec(
             "name": "results",
             "description": "Quality report, aggregated results and raw annotation exports",
         },
+        {"name": "ledger", "description": "Credits: grants, escrow, payouts, statements"},
+        {"name": "review", "description": "Accept or reject submissions; auto-acceptance"},
     ],
 )
 

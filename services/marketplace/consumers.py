@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
 
 from api.events import (
+    ClusterCreatedV1,
     ClusterMemberJoinedV1,
     ClusterMemberLeftV1,
     ClusterMembership,
@@ -31,6 +32,7 @@ from api.events import (
 from services.kit.db import Database
 from services.kit.outbox import consume_once
 from services.marketplace.models import (
+    KnownCluster,
     KnownClusterMember,
     KnownFirm,
     KnownFirmMember,
@@ -45,6 +47,7 @@ TYPES = (
     "firm.member_added",
     "firm.member_role_changed",
     "firm.member_removed",
+    "cluster.created",
     "cluster.member_joined",
     "cluster.member_left",
     "user.deactivated",
@@ -97,6 +100,15 @@ async def apply_event(session: AsyncSession, envelope: Envelope) -> None:
             (payload.cluster_id, payload.firm_id),
             event_id,
             active=isinstance(payload, ClusterMemberJoinedV1),
+        )
+    elif isinstance(payload, ClusterCreatedV1):
+        # The operator firm issues the cluster's credits (ledger grants).
+        await _upsert(
+            session,
+            KnownCluster,
+            payload.cluster_id,
+            event_id,
+            operator_firm_id=payload.operator_firm_id,
         )
     elif isinstance(payload, UserDeactivatedV1):
         rows = await session.execute(

@@ -90,6 +90,8 @@ class Task(MarketplaceBase, table=True):
     updated_at: datetime = _created()
     published_at: datetime | None = _ts(default=None)
     closed_at: datetime | None = _ts(default=None)
+    escrow_outstanding: int = Field(default=0, sa_type=sa.BigInteger)
+    """Credits of this task still held in the requester's escrow (see ``ledger.py``)."""
 
 
 class Item(MarketplaceBase, table=True):
@@ -129,7 +131,8 @@ class Assignment(MarketplaceBase, table=True):
     annotator_id: str = Field(max_length=40)
     annotator_firm_id: str = Field(max_length=40)
     gold: bool = False
-    status: str = Field(default="leased", max_length=16)  # leased | submitted | released
+    status: str = Field(default="leased", max_length=16)
+    """leased | submitted | accepted | rejected | released"""
     contract_id: str | None = Field(default=None, max_length=40, index=True)
     """The vendor's contract this lease counts against (contracted tasks only)."""
     unit_price: int | None = None
@@ -137,7 +140,90 @@ class Assignment(MarketplaceBase, table=True):
     leased_at: datetime = _created()
     expires_at: datetime = _ts()
     submitted_at: datetime | None = _ts(default=None)
+    review_due_at: datetime | None = _ts(default=None, index=True)
+    """Set while a (non-gold) submission awaits review; auto-accepted once it passes."""
+    reviewed_at: datetime | None = _ts(default=None)
+    reviewed_by: str | None = Field(default=None, max_length=64)
+    """Who accepted or rejected it; None when it was accepted automatically."""
+    reject_reason: str | None = Field(default=None, max_length=2000)
     answer: Any | None = Field(default=None, sa_type=JSON)
+
+
+# -- ledger and review ---------------------------------------------------------------
+class KnownCluster(MarketplaceBase, table=True):
+    """Read model of a cluster: its operator firm issues the cluster's credits."""
+
+    __tablename__ = "clusters"
+    id: str = Field(primary_key=True, max_length=40)
+    operator_firm_id: str = Field(max_length=40)
+    event_id: str = Field(max_length=40)
+
+
+class LedgerAccount(MarketplaceBase, table=True):
+    """A firm's ``available`` or ``escrow`` credits in one cluster, or the cluster's
+    ``issuance`` account (held by the operator firm), the only one that goes negative.
+
+    ``balance`` is kept in step with the account's lines under the row's lock; ``seq``
+    numbers its lines (statements page on it).
+    """
+
+    __tablename__ = "ledger_accounts"
+    __table_args__ = (
+        sa.UniqueConstraint("cluster_id", "firm_id", "kind"),
+        sa.CheckConstraint(
+            "kind = 'issuance' OR balance >= 0", name="ck_ledger_accounts_not_negative"
+        ),
+    )
+    id: str = Field(primary_key=True, max_length=40)
+    cluster_id: str = Field(max_length=40)
+    firm_id: str = Field(max_length=40, index=True)
+    kind: str = Field(max_length=16)  # available | escrow | issuance
+    balance: int = Field(default=0, sa_type=sa.BigInteger)
+    seq: int = 0
+    created_at: datetime = _created()
+    updated_at: datetime = _created()
+
+
+class LedgerPosting(MarketplaceBase, table=True):
+    """One journal entry: two or more lines summing to zero.
+
+    ``reference`` (unique when set) names the logical payment, so it is posted once.
+    """
+
+    __tablename__ = "ledger_postings"
+    id: str = Field(primary_key=True, max_length=40)
+    cluster_id: str = Field(max_length=40, index=True)
+    kind: str = Field(max_length=24)  # grant | escrow_reserve | payout | refund
+    task_id: str | None = Field(default=None, max_length=40, index=True)
+    contract_id: str | None = Field(default=None, max_length=40)
+    memo: str = Field(default="", max_length=500)
+    created_by: str | None = Field(default=None, max_length=64)
+    reference: str | None = Field(default=None, max_length=120, unique=True)
+    created_at: datetime = _created()
+
+
+class LedgerLine(MarketplaceBase, table=True):
+    """One side of a posting on one account, with the account's balance after it."""
+
+    __tablename__ = "ledger_lines"
+    __table_args__ = (sa.UniqueConstraint("account_id", "seq"),)
+    id: str = Field(primary_key=True, max_length=40)
+    posting_id: str = Field(foreign_key="ledger_postings.id", max_length=40, index=True)
+    account_id: str = Field(foreign_key="ledger_accounts.id", max_length=40)
+    seq: int
+    amount: int = Field(sa_type=sa.BigInteger)
+    balance_after: int = Field(sa_type=sa.BigInteger)
+    created_at: datetime = _created()
+
+
+class LedgerSettlement(MarketplaceBase, table=True):
+    """Which annotation a payout or refund covers: each is paid (or refunded) once."""
+
+    __tablename__ = "ledger_settlements"
+    kind: str = Field(primary_key=True, max_length=24)  # payout | refund
+    assignment_id: str = Field(primary_key=True, max_length=40)
+    posting_id: str = Field(foreign_key="ledger_postings.id", max_length=40, index=True)
+    amount: int = Field(sa_type=sa.BigInteger)
 
 
 # -- kit tables ----------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from api.events import ActorType
 from services.marketplace.kinds import Kind
@@ -166,3 +166,106 @@ class SubmittedOut(BaseModel):
 
 class SubmitResult(BaseModel):
     submitted: list[SubmittedOut]
+
+
+# -- ledger and review ---------------------------------------------------------------
+AccountKind = Literal["available", "escrow", "issuance"]
+PostingKind = Literal["grant", "escrow_reserve", "payout", "refund"]
+SubmissionState = Literal["submitted", "accepted", "rejected"]
+MAX_REVIEW_IDS = 1000
+
+
+class GrantCreate(Request):
+    cluster_id: str = Field(min_length=1, max_length=64)
+    firm_id: str = Field(min_length=1, max_length=64, description="a member firm of the cluster")
+    amount: int = Field(gt=0, le=1_000_000_000_000, description="credits to issue")
+    memo: str = Field("", max_length=500)
+
+
+class GrantOut(BaseModel):
+    posting_id: str
+    cluster_id: str
+    firm_id: str
+    amount: int
+    memo: str
+    balance: int = Field(description="the firm's available credits after the grant")
+    created_at: datetime
+
+
+class AccountOut(BaseModel):
+    id: str
+    cluster_id: str
+    firm_id: str
+    kind: AccountKind = Field(
+        description="`available`, `escrow` (committed to tasks), or the operator's "
+        "`issuance` account, negative by everything granted"
+    )
+    balance: int
+    updated_at: datetime
+
+
+class EntryOut(BaseModel):
+    """One line of a statement: a posting's effect on this account."""
+
+    id: str
+    seq: int = Field(description="the line's number in this account")
+    posting_id: str
+    kind: PostingKind
+    task_id: str | None
+    memo: str
+    amount: int = Field(description="credits in (positive) or out (negative)")
+    balance_after: int
+    created_at: datetime
+
+
+class ReviewFilterIn(Request):
+    annotator_firm_id: str | None = Field(None, max_length=64)
+    annotator_id: str | None = Field(None, max_length=64)
+    submitted_before: datetime | None = None
+
+
+class ReviewIn(Request):
+    """Either ``assignment_ids`` (all or nothing) or ``filter`` (submitted ones only)."""
+
+    assignment_ids: list[ItemId] | None = Field(None, min_length=1, max_length=MAX_REVIEW_IDS)
+    filter: ReviewFilterIn | None = None
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> ReviewIn:
+        if (self.assignment_ids is None) == (self.filter is None):
+            raise ValueError("give either assignment_ids or filter")
+        return self
+
+
+class RejectIn(ReviewIn):
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+
+
+class PayoutOut(BaseModel):
+    posting_id: str
+    firm_id: str
+    amount: int
+    annotations: int
+
+
+class ReviewResult(BaseModel):
+    count: int = Field(description="submissions accepted or rejected")
+    amount: int = Field(description="credits paid (accept) or concerned (reject)")
+    payouts: list[PayoutOut] = Field(default_factory=list)
+    refunded: int = Field(0, description="credits returned to the requester (closed tasks)")
+    more: bool = Field(False, description="the filter matched more than one batch of 1000")
+
+
+class SubmissionOut(BaseModel):
+    assignment_id: str
+    item_id: str
+    annotator_id: str
+    annotator_firm_id: str
+    contract_id: str | None
+    status: SubmissionState
+    answer: Any
+    unit_price: int | None
+    submitted_at: datetime | None
+    review_due_at: datetime | None = Field(description="set while awaiting review")
+    reviewed_at: datetime | None
+    reject_reason: str | None

@@ -32,7 +32,7 @@ from services.kit.db import utcnow
 from services.kit.errors import Conflict, Forbidden, InvalidState, NotFound, Unprocessable
 from services.kit.ids import new_id
 from services.kit.outbox import emit
-from services.marketplace import kinds
+from services.marketplace import kinds, ledger
 from services.marketplace.models import (
     Assignment,
     Item,
@@ -173,7 +173,13 @@ async def update_task(
     require_requester_admin(access)
     task = access.task
     if task.state != "draft":
-        raise InvalidState("Only a draft can be changed.", state=task.state)
+        if task.state in ("open", "paused") and set(fields) == {"overlap"}:
+            await _raise_overlap(session, principal, task, fields["overlap"])
+            return task
+        raise InvalidState(
+            "Only a draft can be changed; an open or paused task may only raise its overlap.",
+            state=task.state,
+        )
     if "eligibility" in fields:
         eligibility: Eligibility | None = fields.pop("eligibility")
         if eligibility is not None:
@@ -193,6 +199,39 @@ async def update_task(
     return task
 
 
+async def _raise_overlap(
+    session: AsyncSession, principal: Principal, task: Task, overlap: int | None
+) -> None:
+    """More annotations per item on a published task, escrowed first; never fewer (409):
+    annotators may already be working on the share that would be taken back."""
+    if overlap is None:
+        raise Unprocessable("overlap: a number is needed.")
+    if overlap < task.overlap:
+        raise InvalidState(
+            "A published task's overlap can only go up.", state=task.state, overlap=task.overlap
+        )
+    if overlap == task.overlap:
+        return
+    # Locks in the fixed order: task (held), items, accounts.
+    await session.execute(
+        sa.update(Item)
+        .where(
+            col(Item.task_id) == task.id,
+            col(Item.gold).is_(False),
+            col(Item.complete).is_(True),
+            col(Item.submitted) < overlap,
+        )
+        .values(complete=False)
+    )
+    needed = ledger.escrow_for(task, task.item_count - task.gold_count, overlap - task.overlap)
+    await ledger.reserve(
+        session, task, needed, memo=f"overlap raised to {overlap}", created_by=principal.subject
+    )
+    task.overlap = overlap
+    task.updated_at = utcnow()
+    await session.flush()
+
+
 async def transition_task(
     session: AsyncSession, principal: Principal, task_id: str, action: str
 ) -> Task:
@@ -208,6 +247,15 @@ async def transition_task(
         if task.item_count - task.gold_count < 1:
             raise InvalidState("Import at least one non-gold item first.", state=task.state)
         _check_deadline(task.deadline, now)
+        # The whole task is paid for up front; short funds leave it a draft (409).
+        await ledger.reserve(
+            session,
+            task,
+            ledger.escrow_for(task, task.item_count - task.gold_count),
+            memo="task published",
+            created_by=principal.subject,
+            reference=f"publish:{task.id}",
+        )
         firm = await session.get(KnownFirm, task.requester_firm_id)
         task.published_at = now
         emit(
@@ -229,6 +277,9 @@ async def transition_task(
         )
     if target in ("completed", "cancelled"):
         task.closed_at = now
+        await ledger.close_task(
+            session, task, outcome=target, created_by=principal.subject, now=now
+        )
     task.state = target
     task.updated_at = now
     await session.flush()
@@ -310,6 +361,14 @@ async def import_items(
         )
     gold = sum(1 for row in rows if row["gold"])
     if rows:
+        if task.state != "draft":  # work on offer already: the new items are escrowed first
+            await ledger.reserve(
+                session,
+                task,
+                ledger.escrow_for(task, len(rows) - gold),
+                memo=f"{len(rows) - gold} items imported",
+                created_by=principal.subject,
+            )
         await session.execute(sa.insert(Item), rows)
         task.item_count += len(rows)
         task.gold_count += gold
@@ -404,9 +463,10 @@ async def claim_assignments(
 
 
 def _live_or_finished(now: datetime) -> Any:
-    """Assignments that count against an item's overlap: submitted, or leased and unexpired."""
+    """Assignments that count against an item's overlap: answered and not rejected, or
+    leased and unexpired."""
     return sa.or_(
-        col(Assignment.status) == "submitted",
+        col(Assignment.status).in_(("submitted", "accepted")),
         sa.and_(col(Assignment.status) == "leased", col(Assignment.expires_at) > now),
     )
 
@@ -551,6 +611,18 @@ async def submit_answers(
     if len(set(ids)) != len(ids):
         raise Unprocessable("An assignment appears twice in one submission.")
     found = await _my_assignments(session, principal, task_id, ids)
+    # Closing the task holds its row: wait for a close in progress, then look again, so
+    # that no answer lands on a task whose escrow was just refunded.
+    task = (
+        await session.execute(
+            select(Task)
+            .where(Task.id == task_id)
+            .with_for_update(read=True)
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one()
+    if task.state not in SUBMITTABLE_STATES:
+        raise InvalidState(f"A {task.state} task takes no answers.", state=task.state)
     item_ids = sorted({a.item_id for a in found})
     # Lock the items (waiting, in id order) so an expiring lease and a claim of its item
     # are decided one after the other; then read the leases again, after the lock.
@@ -599,6 +671,7 @@ async def submit_answers(
         if not item.gold:
             item.submitted += 1
             item.complete = item.submitted >= task.overlap
+            assignment.review_due_at = now + timedelta(seconds=task.review_period_seconds)
         emit(
             session,
             MarketplaceOutbox,
