@@ -11,6 +11,7 @@ from services.kit.runtime import Runtime
 from services.kit.settings import Settings
 from services.marketplace import (
     consumers,
+    contract_routes,
     kinds,
     ledger_routes,
     results_routes,
@@ -32,7 +33,13 @@ SPEC = ServiceSpec(
         "Data-annotation tasks posted in a cluster, their items and gold items, and open "
         "allocation of leased assignments to eligible member firms' annotators."
     ),
-    routers=[routes.router, webhook_routes.router, results_routes.router, ledger_routes.router],
+    routers=[
+        routes.router,
+        contract_routes.router,
+        webhook_routes.router,
+        results_routes.router,
+        ledger_routes.router,
+    ],
     models=KitModels(
         outbox=MarketplaceOutbox,
         idempotency=MarketplaceIdempotencyKey,
@@ -48,6 +55,8 @@ SPEC = ServiceSpec(
         },
         {"name": "items", "description": "Bulk import of items and gold items"},
         {"name": "assignments", "description": "Claim, release and submit leased items"},
+        {"name": "contracts", "description": "Bids, awarded contracts, quotas (contracted tasks)"},
+        {"name": "reputation", "description": "Vendor firms' reputation from their work"},
         {"name": "webhooks", "description": "Signed HTTP callbacks of marketplace events"},
         {
             "name": "results",

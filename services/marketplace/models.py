@@ -83,6 +83,10 @@ class Task(MarketplaceBase, table=True):
     allowed_actor_types: list[str] = Field(default_factory=list, sa_type=JSON)
     min_reputation: float | None = None
     gold_rate: float = 0.0
+    min_gold_accuracy: float | None = None
+    """Quality gate: an annotator below this gold accuracy on the task gets no more work."""
+    gold_min_answers: int = 3
+    """Gold answers an annotator gives on the task before the quality gate judges them."""
     state: str = Field(default="draft", max_length=16, index=True)
     item_count: int = 0
     gold_count: int = 0
@@ -124,6 +128,15 @@ class Assignment(MarketplaceBase, table=True):
         sa.UniqueConstraint("item_id", "annotator_id"),
         sa.Index("ix_assignments_item_status", "item_id", "status", "expires_at"),
         sa.Index("ix_assignments_task_annotator", "task_id", "annotator_id", "status"),
+        # Covers the reputation aggregate of one firm: an index-only scan on PostgreSQL.
+        sa.Index(
+            "ix_assignments_firm_reputation",
+            "annotator_firm_id",
+            "status",
+            "gold",
+            "gold_correct",
+            "expires_at",
+        ),
     )
     id: str = Field(primary_key=True, max_length=40)
     task_id: str = Field(foreign_key="tasks.id", max_length=40)
@@ -147,6 +160,49 @@ class Assignment(MarketplaceBase, table=True):
     """Who accepted or rejected it; None when it was accepted automatically."""
     reject_reason: str | None = Field(default=None, max_length=2000)
     answer: Any | None = Field(default=None, sa_type=JSON)
+    gold_correct: bool | None = None
+    """For a submitted gold item: whether the answer matched its gold answer."""
+
+
+# -- bids and contracts --------------------------------------------------------------
+class Bid(MarketplaceBase, table=True):
+    """A vendor firm's offer to work on a contracted task: ``pending → awarded |
+    declined | withdrawn``. One live (pending or awarded) bid per firm and task."""
+
+    __tablename__ = "bids"
+    __table_args__ = (sa.Index("ix_bids_task_vendor", "task_id", "vendor_firm_id", "state"),)
+    id: str = Field(primary_key=True, max_length=40)
+    task_id: str = Field(foreign_key="tasks.id", max_length=40)
+    vendor_firm_id: str = Field(max_length=40)
+    created_by: str = Field(max_length=64)
+    price_per_annotation: int
+    daily_capacity: int
+    note: str = Field(default="", max_length=2000)
+    state: str = Field(default="pending", max_length=16)
+    decline_reason: str | None = Field(default=None, max_length=2000)
+    contract_id: str | None = Field(default=None, max_length=40)
+    created_at: datetime = _created()
+    updated_at: datetime = _created()
+
+
+class Contract(MarketplaceBase, table=True):
+    """An awarded bid: the vendor's annotators may claim up to ``quota`` annotations of
+    the task at ``price_per_annotation``, at most ``daily_capacity`` per UTC day.
+    ``active → terminated``; the row is locked while a claim counts against it."""
+
+    __tablename__ = "contracts"
+    __table_args__ = (sa.Index("ix_contracts_task_vendor", "task_id", "vendor_firm_id", "state"),)
+    id: str = Field(primary_key=True, max_length=40)
+    task_id: str = Field(foreign_key="tasks.id", max_length=40)
+    bid_id: str = Field(foreign_key="bids.id", max_length=40)
+    vendor_firm_id: str = Field(max_length=40)
+    price_per_annotation: int
+    quota: int
+    daily_capacity: int
+    state: str = Field(default="active", max_length=16)
+    awarded_by: str = Field(max_length=64)
+    created_at: datetime = _created()
+    terminated_at: datetime | None = _ts(default=None)
 
 
 # -- ledger and review ---------------------------------------------------------------

@@ -68,6 +68,8 @@ def task_out(task: Task, *, requester: bool) -> TaskOut:
             min_reputation=task.min_reputation,
         ),
         gold_rate=task.gold_rate,
+        min_gold_accuracy=task.min_gold_accuracy,
+        gold_min_answers=task.gold_min_answers,
         state=task.state,
         item_count=task.item_count - task.gold_count,
         gold_count=task.gold_count if requester else None,

@@ -17,6 +17,15 @@ TaskState = Literal["draft", "open", "paused", "completed", "cancelled"]
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MAX_CLAIM = 100
 MAX_ITEMS_PER_IMPORT = 10_000
+Allocation = Literal["open", "contracted"]
+ALLOCATION_DOC = (
+    "`open`: any eligible member firm's annotators claim; `contracted`: vendor firms bid, "
+    "the requester awards contracts, and only contracted vendors claim, within quota"
+)
+GATE_DOC = (
+    "quality gate: an annotator whose accuracy on this task's gold items is below this "
+    "share, once they answered `gold_min_answers` of them, is refused further claims"
+)
 
 
 class Request(BaseModel):
@@ -32,7 +41,10 @@ class Eligibility(Request):
         None,
         ge=0,
         le=1,
-        description="stored now; enforced once reputation exists (a later release)",
+        description=(
+            "firms whose reputation (GET /v1/firms/{id}/reputation) is lower neither see "
+            "nor bid on nor claim the task"
+        ),
     )
 
 
@@ -52,6 +64,11 @@ class TaskCreate(Request):
     deadline: datetime | None = None
     eligibility: Eligibility = Field(default_factory=Eligibility)
     gold_rate: float = Field(0.0, ge=0, le=0.5, description="share of gold items in claims")
+    allocation: Allocation = Field("open", description=ALLOCATION_DOC)
+    min_gold_accuracy: float | None = Field(None, ge=0, le=1, description=GATE_DOC)
+    gold_min_answers: int = Field(
+        3, ge=1, le=1000, description="gold answers before the quality gate judges"
+    )
 
 
 class TaskUpdate(Request):
@@ -67,6 +84,9 @@ class TaskUpdate(Request):
     deadline: datetime | None = None
     eligibility: Eligibility | None = None
     gold_rate: float | None = Field(None, ge=0, le=0.5)
+    allocation: Allocation | None = None
+    min_gold_accuracy: float | None = Field(None, ge=0, le=1, description="null: no gate")
+    gold_min_answers: int | None = Field(None, ge=1, le=1000)
 
 
 class TaskOut(BaseModel):
@@ -85,6 +105,8 @@ class TaskOut(BaseModel):
     deadline: datetime | None
     eligibility: Eligibility
     gold_rate: float
+    min_gold_accuracy: float | None = None
+    gold_min_answers: int = 3
     state: TaskState
     item_count: int
     gold_count: int | None = Field(None, description="shown to the requester only")
@@ -166,6 +188,77 @@ class SubmittedOut(BaseModel):
 
 class SubmitResult(BaseModel):
     submitted: list[SubmittedOut]
+
+
+# -- bids, contracts, reputation -----------------------------------------------------
+BidState = Literal["pending", "awarded", "declined", "withdrawn"]
+ContractState = Literal["active", "terminated"]
+Reason = Annotated[str, StringConstraints(max_length=2000)]
+
+
+class BidCreate(Request):
+    price_per_annotation: int = Field(
+        ge=1, le=1_000_000, description="credits per annotation; at most the task's reward"
+    )
+    daily_capacity: int = Field(ge=1, le=1_000_000, description="annotations per UTC day")
+    note: Reason = ""
+
+
+class BidDecline(Request):
+    reason: Reason | None = None
+
+
+class Award(Request):
+    quota: int = Field(ge=1, le=100_000_000, description="annotations the vendor may deliver")
+
+
+class BidOut(BaseModel):
+    id: str
+    task_id: str
+    vendor_firm_id: str
+    price_per_annotation: int
+    daily_capacity: int
+    note: str
+    state: BidState
+    decline_reason: str | None
+    contract_id: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ContractOut(BaseModel):
+    id: str
+    task_id: str
+    bid_id: str
+    vendor_firm_id: str
+    price_per_annotation: int
+    quota: int
+    daily_capacity: int
+    state: ContractState
+    used: int = Field(description="live leases plus submitted and accepted annotations")
+    remaining: int = Field(description="quota left to claim (0 once terminated)")
+    claimed_today: int = Field(description="annotations claimed this UTC day, toward capacity")
+    created_at: datetime
+    terminated_at: datetime | None
+
+
+class ReputationInput(BaseModel):
+    value: float | None = Field(description="the raw share; null with no observations")
+    smoothed: float = Field(description="the share pulled toward the prior")
+    hits: int
+    total: int
+    weight: float
+
+
+class ReputationOut(BaseModel):
+    firm_id: str
+    score: float = Field(ge=0, le=1)
+    prior: float
+    prior_weight: float = Field(description="the prior counts as this many observations")
+    gold_accuracy: ReputationInput = Field(description="correct gold answers / gold answers")
+    acceptance_rate: ReputationInput = Field(description="accepted / reviewed annotations")
+    on_time: ReputationInput = Field(description="leases submitted in time / leases that ended")
+    computed_at: datetime
 
 
 # -- ledger and review ---------------------------------------------------------------

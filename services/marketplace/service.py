@@ -29,12 +29,20 @@ from sqlmodel import col, select
 from api.events import AssignmentSubmittedV1, TaskPublishedV1
 from services.kit.auth import Principal
 from services.kit.db import utcnow
-from services.kit.errors import Conflict, Forbidden, InvalidState, NotFound, Unprocessable
+from services.kit.errors import (
+    Conflict,
+    Forbidden,
+    InvalidState,
+    NotFound,
+    Problem,
+    Unprocessable,
+)
 from services.kit.ids import new_id
 from services.kit.outbox import emit
-from services.marketplace import kinds, ledger
+from services.marketplace import kinds, ledger, reputation
 from services.marketplace.models import (
     Assignment,
+    Contract,
     Item,
     KnownClusterMember,
     KnownFirm,
@@ -86,11 +94,21 @@ async def is_cluster_member(session: AsyncSession, cluster_id: str, firm_id: str
     return row is not None and row.active
 
 
-def eligible(task: Task, firm: KnownFirm) -> bool:
-    """Region and actor type; minimum reputation waits for the reputation release."""
+def eligible(task: Task, firm: KnownFirm, score: float | None = None) -> bool:
+    """Region, actor type and, when the task sets one, the minimum reputation ``score``."""
     if task.allowed_regions and firm.region not in task.allowed_regions:
         return False
+    if task.min_reputation is not None and (score is None or score < task.min_reputation):
+        return False
     return not (task.allowed_actor_types and firm.actor_type not in task.allowed_actor_types)
+
+
+async def firm_eligible(session: AsyncSession, task: Task, firm: KnownFirm) -> bool:
+    """:func:`eligible`, computing the firm's reputation only when the task asks for one."""
+    score = None
+    if task.min_reputation is not None:
+        score = await reputation.firm_score(session, firm.id)
+    return eligible(task, firm, score)
 
 
 async def task_access(
@@ -111,7 +129,7 @@ async def task_access(
     ):
         raise NotFound("No task with this id.")
     firm = await session.get(KnownFirm, principal.firm_id)
-    if firm is None or not eligible(task, firm):
+    if firm is None or not await firm_eligible(session, task, firm):
         raise NotFound("No task with this id.")
     return TaskAccess(task, requester=False, role=role)
 
@@ -191,7 +209,7 @@ async def update_task(
         if task.gold_count:
             raise Conflict("The label schema cannot change once gold items exist.")
     for name, value in fields.items():
-        if value is not None or name == "deadline":
+        if value is not None or name in ("deadline", "min_gold_accuracy"):
             setattr(task, name, value)
     _check_deadline(task.deadline, utcnow())
     task.updated_at = utcnow()
@@ -315,14 +333,20 @@ async def list_tasks(
     if state:
         query = query.where(Task.state == state)
     out: list[Task] = []
+    score: float | None = None  # the firm's reputation, computed once if a task needs it
     while len(out) <= limit:
         page = query.order_by(col(Task.id)).limit(limit + 1)
         if after:
             page = page.where(Task.id > after)
         rows = list((await session.execute(page)).scalars())
         for task in rows:
-            if task.requester_firm_id == firm_id or (firm is not None and eligible(task, firm)):
+            if task.requester_firm_id == firm_id:
                 out.append(task)
+            elif firm is not None:
+                if task.min_reputation is not None and score is None:
+                    score = await reputation.firm_score(session, firm.id)
+                if eligible(task, firm, score):
+                    out.append(task)
         if len(rows) <= limit:
             break
         after = rows[-1].id
@@ -437,7 +461,15 @@ async def list_items(
 async def claim_assignments(
     session: AsyncSession, principal: Principal, task_id: str, *, count: int
 ) -> list[tuple[Assignment, Item]]:
-    """Lease up to ``count`` items to the caller, gold mixed in at the task's rate."""
+    """Lease up to ``count`` items to the caller, gold mixed in at the task's rate.
+
+    An annotator the task's quality gate blocks gets a 403 ``quality-blocked``. On a
+    contracted task only annotators of a firm with an active contract claim (else 403
+    ``no-contract``), at most what the contract's quota and the day's capacity leave; gold
+    items do not count against either. When nothing is left of them the claim is a 409
+    ``quota-exhausted`` or ``daily-capacity-reached`` rather than an empty list, so that
+    the vendor's tools stop polling; an empty list still means "no free item just now".
+    """
     access = await task_access(session, principal, task_id)
     require_annotator(principal, access)
     task = access.task
@@ -446,17 +478,24 @@ async def claim_assignments(
     now = utcnow()
     if task.deadline is not None and task.deadline <= now:
         raise InvalidState("The task's deadline has passed.", state=task.state)
+    await reputation.check_quality_gate(session, task, principal.subject)
+    contract, room = None, count
+    if task.allocation == "contracted":
+        # Locked until this claim commits: the next claimer of the vendor counts after it.
+        contract, room = await _contract_room(session, task, principal.firm_id or "", now)
     wanted_gold = 0
     if task.gold_count and task.gold_rate > 0:
         wanted_gold = sum(1 for _ in range(count) if random.random() < task.gold_rate)
     # Gold rides along with real work only: when none is left, a claim hands out nothing.
+    real = min(room, max(1, count - wanted_gold))
     claimed = await _allocate(
-        session, task, principal, gold=False, count=max(1, count - wanted_gold), now=now
+        session, task, principal, gold=False, count=real, now=now, contract=contract
     )
     if claimed and wanted_gold:
-        claimed += await _allocate(
-            session, task, principal, gold=True, count=count - len(claimed), now=now
-        )
+        gold_count = count - len(claimed)
+        if contract is not None:  # checks do not fill what the quota cut off
+            gold_count = min(gold_count, wanted_gold)
+        claimed += await _allocate(session, task, principal, gold=True, count=gold_count, now=now)
     random.shuffle(claimed)  # the position in the answer must not tell gold apart
     await session.flush()
     return claimed
@@ -471,6 +510,98 @@ def _live_or_finished(now: datetime) -> Any:
     )
 
 
+# -- contracted allocation (bids and awards: contracts.py) ---------------------------
+class NoContract(Problem):
+    status, slug, title = 403, "no-contract", "Your firm has no active contract on this task"
+
+
+class QuotaExhausted(Problem):
+    status, slug, title = 409, "quota-exhausted", "The contract's quota is used up"
+
+
+class DailyCapacityReached(Problem):
+    status, slug, title = 409, "daily-capacity-reached", "The contract's daily capacity is used"
+
+
+QUOTA_STATUSES = ("submitted", "accepted")
+"""Answered assignments that keep counting against a quota (a rejected one frees its slot)."""
+DAY_STATUSES = ("submitted", "accepted", "rejected")
+"""Answered assignments that count toward the day they were claimed on."""
+
+
+def contract_usage_columns(now: datetime) -> tuple[Any, Any]:
+    """Per contract: annotations counting against the quota (live leases, submitted and
+    accepted), and those claimed this UTC day and not given back or left to expire."""
+    status = col(Assignment.status)
+    live = sa.and_(status == "leased", col(Assignment.expires_at) > now)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    used = sa.or_(status.in_(QUOTA_STATUSES), live)
+    today = sa.and_(col(Assignment.leased_at) >= day, sa.or_(status.in_(DAY_STATUSES), live))
+    return (
+        sa.func.coalesce(sa.func.sum(sa.case((used, 1), else_=0)), 0),
+        sa.func.coalesce(sa.func.sum(sa.case((today, 1), else_=0)), 0),
+    )
+
+
+async def contract_usage(
+    session: AsyncSession, contract_ids: Sequence[str], now: datetime
+) -> dict[str, tuple[int, int]]:
+    """``{contract id: (used, claimed today)}``; gold items never count."""
+    used, today = contract_usage_columns(now)
+    rows = await session.execute(
+        select(col(Assignment.contract_id), used, today)
+        .where(col(Assignment.contract_id).in_(list(contract_ids)), col(Assignment.gold).is_(False))
+        .group_by(col(Assignment.contract_id))
+    )
+    found = {str(cid): (int(u), int(t)) for cid, u, t in rows.all()}
+    return {cid: found.get(cid, (0, 0)) for cid in contract_ids}
+
+
+async def _contract_room(
+    session: AsyncSession, task: Task, firm_id: str, now: datetime
+) -> tuple[Contract, int]:
+    """The firm's active contract on the task, locked, and how many annotations still fit.
+
+    The row lock (``FOR UPDATE``; SQLite serialises writers anyway) is held until the
+    claim commits, and the usage is counted after it was taken, in a new statement: two
+    annotators of one vendor claiming at once are counted one after the other.
+    """
+    contract = (
+        await session.execute(
+            select(Contract)
+            .where(
+                Contract.task_id == task.id,
+                Contract.vendor_firm_id == firm_id,
+                Contract.state == "active",
+            )
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    if contract is None:
+        raise NoContract("Only vendors with an active contract claim on a contracted task.")
+    used, today = (await contract_usage(session, [contract.id], now))[contract.id]
+    if used >= contract.quota:
+        raise QuotaExhausted(
+            "The contract's quota is used up; leases that expire or answers that are "
+            "rejected free their share again.",
+            quota=contract.quota,
+            used=used,
+            contract_id=contract.id,
+        )
+    if today >= contract.daily_capacity:
+        resets = now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+        raise DailyCapacityReached(
+            "The contract's capacity for today (UTC) is used up.",
+            headers={"Retry-After": str(max(1, int((resets - now).total_seconds())))},
+            daily_capacity=contract.daily_capacity,
+            claimed_today=today,
+            resets_at=resets.isoformat(),
+            contract_id=contract.id,
+        )
+    return contract, min(contract.quota - used, contract.daily_capacity - today)
+
+
 async def _allocate(
     session: AsyncSession,
     task: Task,
@@ -479,11 +610,12 @@ async def _allocate(
     gold: bool,
     count: int,
     now: datetime,
+    contract: Contract | None = None,
 ) -> list[tuple[Assignment, Item]]:
     """Lock free items SKIP LOCKED, recount them under the lock, lease the ones still free.
 
     Gold items are checks, not work: every annotator may get each one once, so the
-    overlap does not cap them.
+    overlap does not cap them. Real work under a ``contract`` carries it and its price.
     """
     out: list[tuple[Assignment, Item]] = []
     me = principal.subject
@@ -555,6 +687,9 @@ async def _allocate(
                 expires_at=expires,
                 unit_price=None if gold else task.reward_per_annotation,
             )
+            if contract is not None and not gold:
+                assignment.contract_id = contract.id
+                assignment.unit_price = contract.price_per_annotation
             session.add(assignment)
             out.append((assignment, item))
         if len(items) < need:
@@ -672,6 +807,8 @@ async def submit_answers(
             item.submitted += 1
             item.complete = item.submitted >= task.overlap
             assignment.review_due_at = now + timedelta(seconds=task.review_period_seconds)
+        else:  # scored once, here: reputation and the quality gate only count
+            assignment.gold_correct = kinds.correct(task.kind, assignment.answer, item.gold_answer)
         emit(
             session,
             MarketplaceOutbox,
