@@ -139,6 +139,9 @@ CASES: dict[tuple[str, str], Case] = {
         lower=("a1x", 403), note="access is settled before the body is read (bodies: items tests)"
     ),
     ("GET", "/v1/tasks/{task_id}/items"): Case(lower=("a1x", 403)),
+    ("GET", "/v1/tasks/{task_id}/quality"): Case(lower=("a1x", 403)),
+    ("GET", "/v1/tasks/{task_id}/results"): Case(lower=("a1x", 403)),
+    ("GET", "/v1/tasks/{task_id}/annotations"): Case(lower=("a1x", 403)),
     ("POST", "/v1/tasks/{task_id}/assignments:claim"): Case(
         body={"count": 1}, lower=("a1x", 403), note="a firm does not annotate its own task"
     ),
@@ -149,6 +152,25 @@ CASES: dict[tuple[str, str], Case] = {
         body={"answers": [{"assignment_id": "{assignment_id}", "answer": {"label": "x"}}]},
         lower=("a1x", 403),
     ),
+    # contracted task of fa1 (task_id below is its contract_task_id): fa2 bid, was awarded
+    ("POST", "/v1/tasks/{task_id}/bids"): Case(
+        body={"price_per_annotation": 1, "daily_capacity": 1},
+        lower=("a1x", 403),
+        note="a firm does not bid on its own task",
+    ),
+    ("GET", "/v1/tasks/{task_id}/bids"): Case(),
+    ("GET", "/v1/tasks/{task_id}/bids/{bid_id}"): Case(),
+    ("POST", "/v1/tasks/{task_id}/bids/{bid_id}:withdraw"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/tasks/{task_id}/bids/{bid_id}:decline"): Case(
+        body={"reason": "no"}, lower=("a1x", 403)
+    ),
+    ("POST", "/v1/tasks/{task_id}/bids/{bid_id}:award"): Case(
+        body={"quota": 1}, lower=("a1x", 403)
+    ),
+    ("GET", "/v1/tasks/{task_id}/contracts"): Case(),
+    ("GET", "/v1/tasks/{task_id}/contracts/{contract_id}"): Case(),
+    ("POST", "/v1/tasks/{task_id}/contracts/{contract_id}:terminate"): Case(lower=("a1x", 403)),
+    ("GET", "/v1/firms/{firm_id}/reputation"): Case(note="firms sharing a cluster only"),
     # webhooks: fa1's owner a1 manages fa1's; a1x, its annotator, may not
     ("POST", "/v1/webhooks"): Case(body=WEBHOOK, foreign=None, lower=("a1x", 403)),
     ("GET", "/v1/webhooks"): Case(foreign=None, lower=("a1x", 403)),
@@ -242,7 +264,11 @@ def fill(path: str, w: dict[str, Any], overrides: dict[str, str] | None = None) 
         else w["firm_invitation_id"],
         "park_id": w["park_id"],
         "client_id": w["client_id"],
-        "task_id": w.get("task_id", ""),
+        "task_id": w.get(
+            "contract_task_id" if "/bids" in path or "/contracts" in path else "task_id", ""
+        ),
+        "bid_id": w.get("bid_id", ""),
+        "contract_id": w.get("contract_id", ""),
         "webhook_id": w.get("webhook_id", ""),
         "delivery_id": w.get("delivery_id", ""),
     }
@@ -296,6 +322,32 @@ async def build_market_world(client: httpx.AsyncClient, w: dict[str, Any]) -> No
     pinged = await client.post(f"/v1/webhooks/{w['webhook_id']}:ping", headers=a1)
     assert pinged.status_code == 202, pinged.text
     w["delivery_id"] = pinged.json()["id"]
+    await build_contract_world(client, w)
+
+
+async def build_contract_world(client: httpx.AsyncClient, w: dict[str, Any]) -> None:
+    """fa1 posts a contracted task; fa2 bids and is awarded a contract for one annotation."""
+    a1 = bearer(w["a1"])
+    body = {**body_for(Case(body=TASK), w), "allocation": "contracted"}
+    created = await client.post("/v1/tasks", json=body, headers=a1)
+    assert created.status_code == 201, created.text
+    tid = w["contract_task_id"] = created.json()["id"]
+    items = [{"input": {"text": "a"}}, {"input": {"text": "b"}}]
+    assert (await client.post(f"/v1/tasks/{tid}/items", json=items, headers=a1)).status_code == 200
+    published = await client.post(f"/v1/tasks/{tid}:publish", headers=a1)
+    assert published.status_code == 200, published.text
+    bid = await client.post(
+        f"/v1/tasks/{tid}/bids",
+        json={"price_per_annotation": 1, "daily_capacity": 5},
+        headers=bearer(w["a2"]),
+    )
+    assert bid.status_code == 201, bid.text
+    w["bid_id"] = bid.json()["id"]
+    awarded = await client.post(
+        f"/v1/tasks/{tid}/bids/{w['bid_id']}:award", json={"quota": 1}, headers=a1
+    )
+    assert awarded.status_code == 201, awarded.text
+    w["contract_id"] = awarded.json()["id"]
 
 
 async def snapshot(gateway: Any) -> dict[str, set[tuple[Any, ...]]]:
@@ -384,6 +436,8 @@ async def test_every_route_isolates_tenants_and_refuses_bad_input(
                     "park_id",
                     "client_id",
                     "task_id",
+                    "bid_id",
+                    "contract_id",
                     "webhook_id",
                     "delivery_id",
                 ):
