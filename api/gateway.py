@@ -35,8 +35,14 @@ def service_factories() -> dict[str, Factory]:
     from services.marketplace.app import create_app as marketplace
     from services.membership.app import create_app as membership
     from services.messaging.app import create_app as messaging
+    from services.metrics.app import create_app as metrics
 
-    return {"membership": membership, "marketplace": marketplace, "messaging": messaging}
+    return {
+        "membership": membership,
+        "marketplace": marketplace,
+        "messaging": messaging,
+        "metrics": metrics,
+    }
 
 
 class Gateway:

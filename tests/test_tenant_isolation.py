@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.marketplace_support import settle
+from tests.metrics_support import settle_metrics
 from tests.oauth_flow import bearer, login, sign_up
 
 FIRM = {"city": "C", "actor_type": "medium_enterprise", "industries": ["0301"]}
@@ -185,6 +186,13 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}"): Case(lower=("a1x", 403)),
     ("POST", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}:redeliver"): Case(
         lower=("a1x", 403)
+    ),
+    # metrics: the operator fa1's owner a1 reads and imports; member fa2 gets 403
+    ("GET", "/v1/clusters/{cluster_id}/indicators"): Case(lower=("a2", 403)),
+    ("GET", "/v1/clusters/{cluster_id}/network"): Case(lower=("a2", 403)),
+    ("GET", "/v1/clusters/{cluster_id}/classification"): Case(lower=("a2", 403)),
+    ("POST", "/v1/clusters/{cluster_id}/history"): Case(
+        lower=("a2", 403), note="access is settled before the body is read (bodies: metrics tests)"
     ),
 }
 
@@ -379,6 +387,10 @@ async def snapshot(gateway: Any) -> dict[str, set[tuple[Any, ...]]]:
         out["marketplace.outbox_count"] = {
             ((await session.execute(sa.text("SELECT count(*) FROM outbox"))).scalar(),)
         }
+    # Metrics: only the history import writes on a request (its aggregates follow it).
+    async with gateway.apps["metrics"].state.db.sessionmaker() as session:
+        rows = (await session.execute(sa.text("SELECT * FROM imported_records"))).all()
+        out["metrics.imported_records"] = {tuple(str(v) for v in row) for row in rows}
     return out
 
 
@@ -405,6 +417,7 @@ async def test_every_route_isolates_tenants_and_refuses_bad_input(
     a = await build_world(client, "alpha")
     b = await build_world(client, "beta")
     await settle(gateway)  # the marketplace's read model knows both worlds
+    await settle_metrics(gateway)  # the metrics read model knows both worlds
     # Webhook deliveries stay as the worlds leave them: no worker sends them meanwhile.
     await gateway.apps["marketplace"].state.webhook_worker.stop()
     await build_market_world(client, a)

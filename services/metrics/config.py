@@ -1,0 +1,87 @@
+"""The versioned thresholds and weights of the indicators and the classifier.
+
+They live in ``config/metrics-config-v<N>.json``, not in code: a change of a threshold is
+a new file with a new version, and every classification records the version it used.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONFIG_DIR = Path(__file__).parent / "config"
+CURRENT = "metrics-config-v1"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Conversation(_Frozen):
+    min_messages: int = Field(ge=1)
+    weight_per_message: float = Field(ge=0)
+
+
+class Gate(_Frozen):
+    min_active_members: int
+    min_ties: int
+    min_days: int
+
+
+class FormThresholds(_Frozen):
+    geographic_max_cross_region_share: float
+    geographic_min_top_region_share: float
+    network_min_cross_region_share: float
+    network_max_top_region_share: float
+
+
+class TypeThresholds(_Frozen):
+    virtual_min_cross_region_task_share: float
+    digital_min_core_share: float
+    industrial_min_integration_share: float
+    industrial_min_platform_share: float
+
+
+class Confidence(_Frozen):
+    runs: int = Field(ge=1)
+    seed: int
+    high_agreement: float
+    medium_agreement: float
+    borderline_margin: float
+
+
+class NetworkSettings(_Frozen):
+    seed: int
+    random_baselines: int = Field(ge=1)
+    swaps_per_edge: int = Field(ge=1)
+
+
+class MetricsConfig(_Frozen):
+    version: str
+    window_days: int
+    tie_weights: dict[str, float]
+    data_kinds: list[str]
+    platform_kinds: list[str]
+    import_kinds: list[str]
+    knowledge_capital_actor_types: list[str]
+    digital_core_prefixes: list[str]
+    efficiency_prefixes: list[str]
+    conversation: Conversation
+    first_claim_reference_hours: float = Field(gt=0)
+    features: dict[str, dict[str, float]]
+    gate: Gate
+    form: FormThresholds
+    type: TypeThresholds
+    confidence: Confidence
+    network: NetworkSettings
+    reclassify_interval_seconds: float = Field(gt=0)
+
+
+@cache
+def load_config(version: str = CURRENT) -> MetricsConfig:
+    """The configuration file of ``version`` (the current one by default)."""
+    path = CONFIG_DIR / f"{version}.json"
+    return MetricsConfig.model_validate(json.loads(path.read_text(encoding="utf-8")))

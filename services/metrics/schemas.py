@@ -1,0 +1,162 @@
+"""API shapes of the metrics service (responses, not the tables)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Window(BaseModel):
+    days: int = Field(examples=[90])
+    start: date
+    end: date
+
+
+class Basis(BaseModel):
+    observed_share: float | None = Field(
+        None, description="share of the indicator's basis observed on the platform"
+    )
+    imported_share: float | None = Field(
+        None, description="share of the indicator's basis from the history import"
+    )
+
+
+class IndicatorOut(BaseModel):
+    key: str = Field(examples=["cross_region_weight_share"])
+    feature: str = Field(examples=["open_allocation"])
+    name: str
+    definition: str
+    formula: str
+    value: float | None = Field(description="None when the window has nothing to measure")
+    score: float | None = Field(description="the value on a 0-1 scale for the feature score")
+    counts: dict[str, float | None]
+    basis: Basis
+
+
+class FeatureOut(BaseModel):
+    key: str
+    name: str
+    score: float | None = Field(description="weighted mean of its indicators' scores (0-1)")
+
+
+class Evidence(BaseModel):
+    members: int
+    active_members: int
+    ties: int
+    days_of_data: int
+    collaboration_weight: float
+    observed_share: float | None
+    imported_share: float | None
+
+
+class IndicatorsOut(BaseModel):
+    cluster_id: str
+    as_of: datetime
+    window: Window
+    config_version: str
+    features: list[FeatureOut]
+    indicators: list[IndicatorOut]
+    evidence: Evidence
+
+
+class NodeOut(BaseModel):
+    id: str
+    region: str
+    actor_type: str
+    degree: int
+    community: int | None
+
+
+class EdgeOut(BaseModel):
+    source: str
+    target: str
+    weight: float = Field(description="work weight plus conversation weight")
+    work_weight: float
+    messages: int
+
+
+class NetworkOut(BaseModel):
+    cluster_id: str
+    as_of: datetime
+    window: Window
+    config_version: str
+    statistics: dict[str, Any] = Field(
+        description="density, average_clustering, giant_component_share, isolate_share, "
+        "modularity (Louvain, fixed seed), communities, degree_centralisation, "
+        "cross_region_edge_share, random_baseline, clustering_vs_random"
+    )
+    nodes: list[NodeOut]
+    edges: list[EdgeOut]
+
+
+class ConditionOut(BaseModel):
+    indicator: str
+    value: float | None
+    op: str = Field(examples=[">="])
+    threshold: float
+    holds: bool
+    margin: float | None = Field(description="distance of the value to the threshold")
+
+
+class ConfidenceOut(BaseModel):
+    agreement: float = Field(description="share of bootstrap runs giving the same type and form")
+    runs: int
+    seed: int
+    borderline: bool
+    band: str = Field(examples=["high"])
+
+
+class GateOut(BaseModel):
+    sufficient: bool
+    active_members: int
+    ties: int
+    days_of_data: int
+    missing: list[str]
+
+
+class RecordedClassification(BaseModel):
+    recorded_at: datetime
+    as_of: datetime
+    window_days: int
+    label: str
+    form: str | None
+    agreement: float | None
+    band: str | None
+    config_version: str
+
+
+class ClassificationOut(BaseModel):
+    cluster_id: str
+    as_of: datetime
+    window: Window
+    label: str = Field(
+        examples=["virtual_network"],
+        description="digital_industrialisation, industrial_digitalisation, virtual_network, "
+        "not_yet_digital_economy or insufficient_evidence",
+    )
+    form: str | None = Field(
+        examples=["network_space"],
+        description="geographic, virtual_real_combined or network_space",
+    )
+    confidence: ConfidenceOut | None
+    deciding: list[ConditionOut]
+    explanation: str
+    evidence: GateOut
+    classifier_version: str
+    config_version: str
+    history: list[RecordedClassification] = Field(
+        description="recorded classifications, newest first (a row per change)"
+    )
+
+
+class RejectedLine(BaseModel):
+    index: int
+    reason: str
+
+
+class HistoryImportResult(BaseModel):
+    lines: int
+    imported: int
+    duplicates: int = Field(description="lines already imported (same external id or content)")
