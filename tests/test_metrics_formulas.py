@@ -1,0 +1,294 @@
+"""Every indicator, network statistic and classifier rule on small hand-computed cases.
+
+The cluster below has four members and four ties in a 60-day window:
+
+    A  CN-BJ  large enterprise        0301 (digital core)
+    B  CN-BJ  university              0301 (digital core)
+    C  CN-SX  small-micro enterprise  0501 (traditional)
+    D  CN-SX  small-micro enterprise  (no industry: traditional)
+
+    A→C task contract, observed, w 1.0      A→C annotations, observed, w 0.5 (5 accepted)
+    A→B joint project, imported, w 2.0      C→D supply, imported, w 0.5
+
+Total weight 4.0, of which 2.5 imported. Activity (half of each tie per endpoint):
+A 1.75, B 1.0, C 1.0, D 0.25; by region CN-BJ 2.75, CN-SX 1.25.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, date, datetime, timedelta
+
+import networkx as nx
+import pytest
+
+from services.metrics.classifier import bootstrap_agreement, classify, decide, gate
+from services.metrics.config import load_config
+from services.metrics.facts import ClusterFacts, FirmFact, TaskRecord, Tie
+from services.metrics.indicators import (
+    compute_indicators,
+    evenness,
+    hhi,
+    rankdata,
+    spearman,
+)
+from services.metrics.network import build_graph, degree_centralisation, network_statistics
+
+CONFIG = load_config()
+AS_OF = datetime(2026, 6, 30, 12, tzinfo=UTC)
+T0 = datetime(2026, 6, 20, 8, tzinfo=UTC)
+
+
+def four_firms() -> ClusterFacts:
+    members = {
+        "A": FirmFact("A", "CN-BJ", "large_enterprise", ("0301",)),
+        "B": FirmFact("B", "CN-BJ", "university", ("0301",)),
+        "C": FirmFact("C", "CN-SX", "small_micro_enterprise", ("0501",)),
+        "D": FirmFact("D", "CN-SX", "small_micro_enterprise", ()),
+    }
+    facts = ClusterFacts("cl", AS_OF, 60, members)
+    facts.ties = [
+        Tie("A", "C", "task_contract", "observed", 1.0, 1, 100, 500),
+        Tie("A", "C", "annotation", "observed", 0.5, 5, 5, 25),
+        Tie("A", "B", "joint_project", "imported", 2.0),
+        Tie("C", "D", "supply", "imported", 0.5),
+    ]
+    facts.previous_ties = [
+        Tie("A", "C", "task_contract", "observed", 1.0),
+        Tie("C", "D", "supply", "imported", 1.0),
+    ]
+    facts.year_ago_ties = [Tie("A", "B", "joint_project", "imported", 1.0)]
+    facts.tasks = [
+        TaskRecord("T1", "A", "CN-BJ", frozenset({"CN-SX"}), T0, T0 + timedelta(hours=2)),
+        TaskRecord("T2", "B", "CN-BJ", frozenset({"CN-BJ"}), T0, None, T0 + timedelta(hours=6)),
+        TaskRecord("T3", "A", "CN-BJ", frozenset(), T0),
+    ]
+    recent, older = AS_OF.date() - timedelta(days=3), AS_OF.date() - timedelta(days=40)
+    facts.activity = {"A": {recent}, "C": {recent, older}}
+    facts.first_day = date(2026, 1, 1)
+    return facts
+
+
+@pytest.fixture
+def report():  # type: ignore[no-untyped-def]
+    return compute_indicators(four_firms(), CONFIG)
+
+
+def value(report, key):  # type: ignore[no-untyped-def]
+    return report.indicators[key].value
+
+
+def test_pure_formulas() -> None:
+    assert evenness([5]) == 0.0
+    assert evenness([]) is None
+    assert evenness([2, 2]) == pytest.approx(1.0)
+    assert evenness([1, 1, 2]) == pytest.approx(
+        -(0.25 * math.log(0.25) * 2 + 0.5 * math.log(0.5)) / math.log(3)
+    )
+    assert hhi([3, 1]) == pytest.approx(0.625)
+    assert hhi([0, 0]) is None
+    assert list(rankdata([10, 20, 20, 5])) == [2.0, 3.5, 3.5, 1.0]
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_data_element_driven(report) -> None:  # type: ignore[no-untyped-def]
+    # task contract 1.0 + annotations 0.5 are data work; joint project and supply are not.
+    assert value(report, "data_work_share") == pytest.approx(1.5 / 4)
+    assert value(report, "annotation_volume") == 5
+    assert report.indicators["data_work_share"].imported_share == pytest.approx(2.5 / 4)
+
+
+def test_open_allocation(report) -> None:  # type: ignore[no-untyped-def]
+    # Only A-C (1.5) crosses regions.
+    assert value(report, "cross_region_weight_share") == pytest.approx(1.5 / 4)
+    # T1 (vendor in CN-SX) crosses, T2 (vendor in CN-BJ) does not, T3 has no vendor.
+    assert value(report, "cross_region_task_share") == pytest.approx(0.5)
+    counts = report.indicators["cross_region_task_share"].counts
+    assert counts == {"tasks": 3, "tasks_with_vendor": 2, "cross_region_tasks": 1}
+    assert report.indicators["cross_region_task_share"].observed_share == 1.0
+    assert value(report, "region_entropy") == pytest.approx(1.0)  # two and two
+
+
+def test_diverse_actors(report) -> None:  # type: ignore[no-untyped-def]
+    # types: large 1, university 1, small-micro 2 → p = ¼, ¼, ½ over k = 3.
+    expected = -(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)) / math.log(3)
+    assert value(report, "actor_type_entropy") == pytest.approx(expected)
+    # The university is present and active (it has a tie); no other such kind.
+    assert value(report, "knowledge_capital_kinds") == 1
+    assert report.indicators["knowledge_capital_kinds"].score == pytest.approx(1 / 5)
+    # pairs A-B (large/university), A-C (large/small), C-D (small/small): 2 of 3 cross.
+    assert value(report, "cross_type_tie_share") == pytest.approx(2 / 3)
+    # Pair basis: A-B 2.0 and C-D 0.5 imported of 4.0.
+    assert report.indicators["cross_type_tie_share"].imported_share == pytest.approx(2.5 / 4)
+
+
+def test_renewing_industries(report) -> None:  # type: ignore[no-untyped-def]
+    # now: 0301 2.75, 0501 1.0, "" 0.25 → ranks ("", 0301, 0501) = 1, 3, 2
+    # before: 0301 0.5, 0501 1.0, "" 0.5 → ranks 1.5, 1.5, 3 → rho = 0 → 1 - rho = 1.
+    assert value(report, "industry_rank_change") == pytest.approx(1.0)
+    assert report.indicators["industry_rank_change"].score == pytest.approx(0.5)
+    # A year earlier only 0301 was active: 0501 and "" are new, 1.25 of 4.0.
+    assert value(report, "new_industry_share") == pytest.approx(1.25 / 4)
+
+
+def test_digital_real_integration(report) -> None:  # type: ignore[no-untyped-def]
+    # core activity: A 1.75 + B 1.0 of 4.0.
+    assert value(report, "digital_core_share") == pytest.approx(2.75 / 4)
+    # core-traditional pairs: A-C only, of three pairs.
+    assert value(report, "integration_tie_share") == pytest.approx(1 / 3)
+
+
+def test_platform_enablement(report) -> None:  # type: ignore[no-untyped-def]
+    assert value(report, "platform_matched_share") == pytest.approx(1.5 / 4)
+    # 60 days → two 30-day slices: recent {A, C} = 2/4, older {C} = 1/4.
+    assert value(report, "monthly_active_share") == pytest.approx(0.375)
+    # T1 claimed after 2 h, T2 first submitted after 6 h: median 4 h.
+    assert value(report, "claim_speed") == pytest.approx(4.0)
+    assert report.indicators["claim_speed"].score == pytest.approx(24 / 28)
+
+
+def test_spatial_concentration(report) -> None:  # type: ignore[no-untyped-def]
+    assert value(report, "top_region_share") == pytest.approx(2.75 / 4)
+    assert value(report, "regional_hhi") == pytest.approx((2.75 / 4) ** 2 + (1.25 / 4) ** 2)
+
+
+def test_feature_scores_are_weighted_means(report) -> None:  # type: ignore[no-untyped-def]
+    w = CONFIG.features["digital_real_integration"]
+    expected = (w["digital_core_share"] * 2.75 / 4 + w["integration_tie_share"] / 3) / (
+        w["digital_core_share"] + w["integration_tie_share"]
+    )
+    assert report.features["digital_real_integration"] == pytest.approx(expected)
+    assert report.features["data_element_driven"] == pytest.approx(1.5 / 4)
+
+
+def test_evidence_counts(report) -> None:  # type: ignore[no-untyped-def]
+    assert report.active_members == 4  # A and C acted; B and D have ties
+    assert report.ties == 3
+    assert report.days_of_data == 60  # data since January: the whole window
+
+
+def test_network_statistics() -> None:
+    facts = four_firms()
+    facts.conversations = {("B", "D"): 3, ("A", "D"): 2}  # 2 < min_messages: no edge
+    graph = build_graph(facts, CONFIG)
+    assert sorted(graph.edges) == [("A", "B"), ("A", "C"), ("B", "D"), ("C", "D")]
+    assert graph.edges["A", "C"]["weight"] == pytest.approx(1.5)
+    assert graph.edges["B", "D"]["messages"] == 3
+    assert graph.edges["B", "D"]["weight"] == pytest.approx(
+        3 * CONFIG.conversation.weight_per_message
+    )
+    stats = network_statistics(graph, CONFIG)
+    assert stats["density"] == pytest.approx(4 / 6)
+    assert stats["average_clustering"] == 0.0  # a 4-cycle has no triangles
+    assert stats["giant_component_share"] == 1.0
+    assert stats["isolate_share"] == 0.0
+    assert stats["cross_region_edge_share"] == pytest.approx(2 / 4)  # A-C, B-D
+    assert stats["degree_centralisation"] == 0.0  # every degree is 2
+    assert stats["modularity"] is not None
+    assert network_statistics(graph, CONFIG)["modularity"] == stats["modularity"]  # fixed seed
+
+
+def test_degree_centralisation_and_baseline() -> None:
+    star = nx.star_graph(3)  # centre degree 3, leaves 1: Σ(3 - d) = 6 over (3·2)
+    assert degree_centralisation(star) == pytest.approx(1.0)
+    assert degree_centralisation(nx.path_graph(4)) == pytest.approx(2 / 6)
+    assert degree_centralisation(nx.path_graph(2)) is None
+    # Two dense groups joined by one edge are far more clustered than their rewirings.
+    groups = nx.connected_caveman_graph(4, 5)
+    nx.set_node_attributes(groups, "CN-BJ", "region")
+    nx.set_node_attributes(groups, "large_enterprise", "actor_type")
+    stats = network_statistics(groups, CONFIG)
+    assert stats["random_baseline"]["density"] == pytest.approx(stats["density"])
+    assert stats["clustering_vs_random"] > 1.5
+
+
+def test_isolates() -> None:
+    facts = four_firms()
+    facts.members["E"] = FirmFact("E", "CN-HE", "investor", ())
+    stats = network_statistics(build_graph(facts, CONFIG), CONFIG)
+    assert stats["isolate_share"] == pytest.approx(1 / 5)
+    assert stats["giant_component_share"] == pytest.approx(4 / 5)
+
+
+# -- the classifier ------------------------------------------------------------------
+def measures(**values: float | None) -> dict[str, float | None]:
+    base: dict[str, float | None] = {
+        "cross_region_weight_share": 0.05,
+        "top_region_share": 0.9,
+        "cross_region_task_share": 0.0,
+        "digital_core_share": 0.8,
+        "integration_tie_share": 0.1,
+        "platform_matched_share": 0.5,
+    }
+    base.update(values)
+    return base
+
+
+def test_decision_list() -> None:
+    d = decide(measures(), CONFIG)
+    assert (d.label, d.form) == ("digital_industrialisation", "geographic")
+    assert [c.indicator for c in d.conditions] == [
+        "cross_region_weight_share",
+        "top_region_share",
+        "digital_core_share",
+    ]
+    assert d.conditions[0].margin == pytest.approx(0.15)
+
+    d = decide(measures(digital_core_share=0.3, integration_tie_share=0.4), CONFIG)
+    assert (d.label, d.form) == ("industrial_digitalisation", "geographic")
+    d = decide(measures(digital_core_share=0.3, platform_matched_share=0.1), CONFIG)
+    assert d.label == "not_yet_digital_economy"
+
+    d = decide(measures(cross_region_weight_share=0.7, top_region_share=0.4), CONFIG)
+    assert (d.label, d.form) == ("virtual_network", "network_space")
+
+    # Combined form: tasks crossing regions decide the virtual network...
+    d = decide(measures(cross_region_weight_share=0.6, cross_region_task_share=0.8), CONFIG)
+    assert (d.label, d.form) == ("virtual_network", "virtual_real_combined")
+    # ... or not, and the digital core share decides.
+    d = decide(measures(cross_region_weight_share=0.6, cross_region_task_share=0.1), CONFIG)
+    assert (d.label, d.form) == ("digital_industrialisation", "virtual_real_combined")
+    assert "cross_region_task_share" in [c.indicator for c in d.conditions]
+    # Unknown task share (no tasks) never holds.
+    d = decide(measures(cross_region_weight_share=0.6, cross_region_task_share=None), CONFIG)
+    assert d.label == "digital_industrialisation"
+
+
+def test_gate_and_confidence(report) -> None:  # type: ignore[no-untyped-def]
+    # Four members are one short of the five the gate asks for.
+    assert gate(report, CONFIG) == [
+        f"active members: 4 of {CONFIG.gate.min_active_members} needed",
+        f"ties between members: 3 of {CONFIG.gate.min_ties} needed",
+    ]
+    result = classify(report, CONFIG)
+    assert result["label"] == "insufficient_evidence"
+    assert "active members: 4 of 5 needed" in result["explanation"]
+
+    relaxed = CONFIG.model_copy(
+        update={"gate": CONFIG.gate.model_copy(update={"min_active_members": 1, "min_ties": 1})}
+    )
+    result = classify(report, relaxed)
+    # cross 0.375 (neither < 0.2 nor ≥ 0.5) → combined; task share 0.5 ≥ 0.4 → virtual.
+    assert (result["label"], result["form"]) == ("virtual_network", "virtual_real_combined")
+    assert result["confidence"]["runs"] == CONFIG.confidence.runs
+    assert 0 <= result["confidence"]["agreement"] <= 1
+    assert result["confidence"]["band"] in ("medium", "low")  # four firms: fragile
+    again = bootstrap_agreement(report.frame, decide_of(report), relaxed)
+    assert again == result["confidence"]["agreement"]  # fixed seed
+    # Deciding: the geographic rule failed on the cross-region share (0.375 ≥ 0.2), the
+    # network-space rule on both (0.375 < 0.5, top region 0.6875 ≥ 0.5); then tasks.
+    named = [(c["indicator"], c["holds"]) for c in result["deciding"]]
+    assert named == [
+        ("cross_region_weight_share", False),
+        ("cross_region_weight_share", False),
+        ("top_region_share", False),
+        ("cross_region_task_share", True),
+    ]
+
+
+def decide_of(report):  # type: ignore[no-untyped-def]
+    from services.metrics.indicators import core_measures
+
+    return decide(core_measures(report.frame), CONFIG)
