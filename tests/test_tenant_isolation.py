@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.marketplace_support import settle
+from tests.messaging_support import settle as settle_messaging
 from tests.metrics_support import settle_metrics
 from tests.oauth_flow import bearer, login, sign_up
 
@@ -49,6 +50,8 @@ TASK = {
     "label_schema": {"labels": ["x", "y"]},
     "reward_per_annotation": 1,
 }
+
+CHANNEL = {"cluster_id": "{cluster_id}", "kind": "public", "name": "c"}
 
 CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/users/me"): Case(foreign=None),
@@ -187,6 +190,30 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}:redeliver"): Case(
         lower=("a1x", 403)
     ),
+    # messaging: {channel_id} is a public channel a1 created, a1x joined, a2 did not
+    ("POST", "/v1/channels"): Case(body=CHANNEL),
+    ("GET", "/v1/channels"): Case(foreign=None),
+    ("GET", "/v1/channels/{channel_id}"): Case(),
+    ("PATCH", "/v1/channels/{channel_id}"): Case(body={"topic": "t"}, lower=("a1x", 403)),
+    ("POST", "/v1/channels/{channel_id}:join"): Case(),
+    ("POST", "/v1/channels/{channel_id}:leave"): Case(),
+    ("GET", "/v1/channels/{channel_id}/members"): Case(),
+    ("POST", "/v1/channels/{channel_id}/members"): Case(
+        body={"user_id": "{a2_id}"}, lower=("a2", 403), note="only members invite"
+    ),
+    ("POST", "/v1/conversations"): Case(
+        body={"cluster_id": "{cluster_id}", "user_ids": ["{a2_id}"]}
+    ),
+    ("GET", "/v1/channels/{channel_id}/messages"): Case(),
+    ("POST", "/v1/channels/{channel_id}/messages"): Case(
+        body={"text": "hi"}, lower=("a2", 403), note="posting needs joining"
+    ),
+    ("PATCH", "/v1/channels/{channel_id}/messages/{message_id}"): Case(
+        body={"text": "x"}, lower=("a1x", 403), note="the author only"
+    ),
+    ("DELETE", "/v1/channels/{channel_id}/messages/{message_id}"): Case(lower=("a1x", 403)),
+    ("GET", "/v1/channels/{channel_id}/messages/{message_id}/edits"): Case(),
+    ("POST", "/v1/channels/{channel_id}/read-marker"): Case(body={"seq": 0}),
     # metrics: the operator fa1's owner a1 reads and imports; member fa2 gets 403
     ("GET", "/v1/clusters/{cluster_id}/indicators"): Case(lower=("a2", 403)),
     ("GET", "/v1/clusters/{cluster_id}/network"): Case(lower=("a2", 403)),
@@ -279,6 +306,8 @@ def fill(path: str, w: dict[str, Any], overrides: dict[str, str] | None = None) 
         "contract_id": w.get("contract_id", ""),
         "webhook_id": w.get("webhook_id", ""),
         "delivery_id": w.get("delivery_id", ""),
+        "channel_id": w.get("channel_id", ""),
+        "message_id": w.get("message_id", ""),
     }
     if path.startswith("/v1/firms/{firm_id}/members/{user_id}"):
         params["user_id"] = w["a1_id"]  # the owner: an annotator may not touch it
@@ -358,6 +387,22 @@ async def build_contract_world(client: httpx.AsyncClient, w: dict[str, Any]) -> 
     w["contract_id"] = awarded.json()["id"]
 
 
+async def build_messaging_world(client: httpx.AsyncClient, w: dict[str, Any]) -> None:
+    """a1 opens a public channel and posts in it; a1x joins it; a2 stays out."""
+    a1 = bearer(w["a1"])
+    created = await client.post("/v1/channels", json=body_for(Case(body=CHANNEL), w), headers=a1)
+    assert created.status_code == 201, created.text
+    w["channel_id"] = created.json()["id"]
+    joined = await client.post(f"/v1/channels/{w['channel_id']}:join", headers=bearer(w["a1x"]))
+    assert joined.status_code == 200, joined.text
+    posted = await client.post(
+        f"/v1/channels/{w['channel_id']}/messages", json={"text": "hello"}, headers=a1
+    )
+    assert posted.status_code == 201, posted.text
+    w["message_id"] = posted.json()["id"]
+    w["a2_id"] = (await client.get("/v1/users/me", headers=bearer(w["a2"]))).json()["id"]
+
+
 async def snapshot(gateway: Any) -> dict[str, set[tuple[Any, ...]]]:
     """Every membership and marketplace row, except logs that refused calls may append to."""
     from services.marketplace.models import metadata as marketplace_metadata
@@ -385,6 +430,16 @@ async def snapshot(gateway: Any) -> dict[str, set[tuple[Any, ...]]]:
                 rows = (await session.execute(sa.select(table))).all()
                 out[f"marketplace.{name}"] = {tuple(str(v) for v in row) for row in rows}
         out["marketplace.outbox_count"] = {
+            ((await session.execute(sa.text("SELECT count(*) FROM outbox"))).scalar(),)
+        }
+    from services.messaging.models import metadata as messaging_metadata
+
+    async with gateway.apps["messaging"].state.db.sessionmaker() as session:
+        for name, table in messaging_metadata.tables.items():
+            if name not in skip_marketplace:
+                rows = (await session.execute(sa.select(table))).all()
+                out[f"messaging.{name}"] = {tuple(str(v) for v in row) for row in rows}
+        out["messaging.outbox_count"] = {
             ((await session.execute(sa.text("SELECT count(*) FROM outbox"))).scalar(),)
         }
     # Metrics: only the history import writes on a request (its aggregates follow it).
@@ -417,11 +472,14 @@ async def test_every_route_isolates_tenants_and_refuses_bad_input(
     a = await build_world(client, "alpha")
     b = await build_world(client, "beta")
     await settle(gateway)  # the marketplace's read model knows both worlds
-    await settle_metrics(gateway)  # the metrics read model knows both worlds
     # Webhook deliveries stay as the worlds leave them: no worker sends them meanwhile.
     await gateway.apps["marketplace"].state.webhook_worker.stop()
     await build_market_world(client, a)
     await build_market_world(client, b)
+    await settle_messaging(gateway)
+    await settle_metrics(gateway)  # the metrics read model knows both worlds
+    await build_messaging_world(client, a)
+    await build_messaging_world(client, b)
     before = await snapshot(gateway)
     failures: list[str] = []
 
@@ -453,6 +511,8 @@ async def test_every_route_isolates_tenants_and_refuses_bad_input(
                     "contract_id",
                     "webhook_id",
                     "delivery_id",
+                    "channel_id",
+                    "message_id",
                 ):
                     unknown = unknown.replace("{" + name + "}", "zzz_00000000000000000000000000")
                 response = await call(method, unknown, a["a1"], body)

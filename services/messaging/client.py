@@ -82,6 +82,13 @@ class MessagingClient:
             if data.get("type") == kind:
                 return data
 
+    async def recv_until_reply(self, wait: float = 10.0) -> dict[str, Any]:
+        """The next ``ack`` or ``error`` frame (the answer to a send), skipping others."""
+        while True:
+            data = await self.recv(wait)
+            if data.get("type") in ("ack", "error"):
+                return data
+
     async def subscribe(self, channel_id: str, since_seq: int | None = None) -> dict[str, Any]:
         """Subscribe; returns ``subscribed`` or ``resync_required`` (or an error frame)."""
         payload: dict[str, Any] = {"type": "subscribe", "channel_id": channel_id}

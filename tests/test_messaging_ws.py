@@ -1,0 +1,196 @@
+"""The WebSocket protocol against a served uvicorn: auth, replay then live, errors, backpressure.
+
+Each test starts ``onecluster serve`` on a free 127.0.0.1 port (``replica``) and talks
+to it with the in-repo client (``services.messaging.client``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from services.messaging.client import MessagingClient
+from tests.messaging_support import World, build_world, replica
+
+pytestmark = pytest.mark.slow
+
+
+async def served_world(base: str, tag: str) -> tuple[httpx.AsyncClient, World, str]:
+    """A world built through the served API, once messaging knows every firm of it."""
+    client = httpx.AsyncClient(base_url=base, timeout=60)
+    w = await build_world(client, None, tag)
+    deadline = time.monotonic() + 30
+    general = ""
+    for person in ("op", "op2", "sx", "sx2", "nm"):
+        while True:
+            r = await client.get(
+                "/v1/channels",
+                params={"kind": "general", "cluster_id": w.cluster_id},
+                headers=w.h(person),
+            )
+            if r.status_code == 200 and r.json()["items"]:
+                general = r.json()["items"][0]["id"]
+                break
+            assert time.monotonic() < deadline, r.text
+            await asyncio.sleep(0.1)
+    return client, w, general
+
+
+def token(w: World, person: str) -> str:
+    return str(w.tokens[person]["access_token"])
+
+
+async def test_auth_first_frame_and_typed_errors(
+    tmp_path: Path, database_url: str | None, redis_prefix: str
+) -> None:
+    env = {
+        "ONECLUSTER_MESSAGING_AUTH_TIMEOUT": "1",
+        "ONECLUSTER_MESSAGING_SEND_RATE_PER_MINUTE": "5",
+        "ONECLUSTER_MESSAGING_MAX_FRAME_BYTES": "4096",
+        "ONECLUSTER_MESSAGING_MAX_MESSAGE_BYTES": "1024",
+    }
+    with replica(tmp_path, "a", database_url, redis_prefix, env) as (base, _):
+        http, w, general = await served_world(base, "auth")
+        async with contextlib.aclosing(http):
+            silent = MessagingClient(base, "")
+            await silent.open(authenticate=False)
+            with pytest.raises(ConnectionClosed):
+                await silent.recv(wait=10)
+            assert silent.close_code == 4401
+            early = MessagingClient(base, "")
+            await early.open(authenticate=False)
+            await early.send_frame({"type": "subscribe", "channel_id": general})
+            with pytest.raises(ConnectionClosed):
+                await early.recv()
+            assert early.close_code == 4401
+            forged = MessagingClient(base, "garbage.token.here")
+            with pytest.raises(ConnectionClosed):
+                await forged.open()
+                await forged.recv()
+            assert forged.close_code == 4401
+
+            async with MessagingClient(base, token(w, "sx")) as sx:
+                assert sx.ws is not None
+                await sx.ws.send("{nope")
+                assert (await sx.recv())["code"] == "malformed_frame"
+                await sx.send_frame({"type": "shout", "id": 7})
+                err = await sx.recv()
+                assert (err["code"], err["ref"]) == ("unknown_type", 7)
+                await sx.send_frame({"type": "ping", "pad": "x" * 5000})
+                assert (await sx.recv())["code"] == "frame_too_large"
+                for channel in ("chan_00000000000000000000000000", general):
+                    outsider = MessagingClient(base, token(w, "out"))
+                    await outsider.open()
+                    answer = await outsider.subscribe(channel)
+                    assert (answer["type"], answer["code"]) == ("error", "not_found")
+                    await outsider.close()
+                pub = await http.post(
+                    "/v1/channels",
+                    json={"cluster_id": w.cluster_id, "kind": "public", "name": "p"},
+                    headers=w.h("op"),
+                )
+                await sx.send(pub.json()["id"], "hi")
+                assert (await sx.recv())["code"] == "not_a_member"
+                await sx.send(general, "x" * 2000)
+                assert (await sx.recv())["code"] == "message_too_large"
+                mine = await http.post(
+                    f"/v1/channels/{general}/messages", json={"text": "op's"}, headers=w.h("op")
+                )
+                await sx.send_frame(
+                    {
+                        "type": "edit",
+                        "channel_id": general,
+                        "message_id": mine.json()["id"],
+                        "text": "mine now",
+                    }
+                )
+                assert (await sx.recv())["code"] == "forbidden"
+                # re-authentication: a fresh token of the same user, never another user's
+                await sx.send_frame({"type": "auth", "token": token(w, "sx")})
+                assert (await sx.recv())["type"] == "authenticated"
+                await sx.send_frame({"type": "auth", "token": token(w, "nm")})
+                assert (await sx.recv())["code"] == "auth_mismatch"
+                # the per-user send rate: error frames, the socket stays open
+                codes = []
+                for i in range(7):
+                    await sx.send(general, f"m{i}")
+                    codes.append((await sx.recv_until_reply()).get("code", "ack"))
+                assert codes.count("rate_limited") >= 2 and codes[0] == "ack"
+                await sx.send_frame({"type": "ping", "id": "still-open"})
+                assert (await sx.recv_until("pong"))["ref"] == "still-open"
+
+
+async def test_replay_then_live_without_gaps_and_resync_beyond_the_bound(
+    tmp_path: Path, database_url: str | None, redis_prefix: str
+) -> None:
+    env = {"ONECLUSTER_MESSAGING_REPLAY_LIMIT": "30"}
+    with replica(tmp_path, "a", database_url, redis_prefix, env) as (base, _):
+        http, w, general = await served_world(base, "live")
+        async with contextlib.aclosing(http):
+            for i in range(5):
+                r = await http.post(
+                    f"/v1/channels/{general}/messages",
+                    json={"text": f"old {i}"},
+                    headers=w.h("op"),
+                )
+                assert r.status_code == 201
+            async with (
+                MessagingClient(base, token(w, "nm")) as reader,
+                MessagingClient(base, token(w, "sx2")) as writer,
+            ):
+                subscribed = await reader.subscribe(general, since_seq=0)
+                assert subscribed["type"] == "subscribed" and subscribed["last_seq"] == 5
+
+                async def rest_sender() -> None:
+                    for i in range(20):
+                        r = await http.post(
+                            f"/v1/channels/{general}/messages",
+                            json={"text": f"rest {i}"},
+                            headers=w.h("sx"),
+                        )
+                        assert r.status_code == 201, r.text
+
+                async def ws_sender() -> None:
+                    for i in range(20):
+                        await writer.send(general, f"ws {i}", client_message_id=f"w{i}")
+                        await writer.recv_until("ack")
+
+                seen: list[int] = []
+
+                async def read() -> None:
+                    while len(seen) < 45:
+                        data = await reader.recv(wait=20)
+                        if data["type"] == "event":
+                            seen.append(data["seq"])
+
+                await asyncio.gather(rest_sender(), ws_sender(), read())
+                assert seen == list(range(1, 46))
+                # an edit is an event too, delivered in order
+                first = (
+                    await http.get(
+                        f"/v1/channels/{general}/messages",
+                        params={"after_seq": 0, "limit": 1},
+                        headers=w.h("op"),
+                    )
+                ).json()["items"][0]
+                await http.patch(
+                    f"/v1/channels/{general}/messages/{first['id']}",
+                    json={"text": "new"},
+                    headers=w.h("op"),
+                )
+                edited = await reader.recv_until("event")
+                assert (edited["seq"], edited["event"]) == (46, "edited")
+                assert edited["message"]["text"] == "new"
+            async with MessagingClient(base, token(w, "nm")) as late:
+                answer = await late.subscribe(general, since_seq=10)
+                assert answer["type"] == "resync_required" and answer["last_seq"] == 46
+                answer = await late.subscribe(general, since_seq=40)
+                assert answer["type"] == "subscribed"
+                replayed = [(await late.recv_until("event"))["seq"] for _ in range(6)]
+                assert replayed == [41, 42, 43, 44, 45, 46]
