@@ -136,10 +136,12 @@ async def test_stop_is_prompt_when_a_wake_arrives_just_before_it(db: Database) -
     must still return, not wait out a 30 s poll (Python 3.11's ``wait_for`` can swallow
     a cancellation that races with the wake-up it waits for)."""
     relay, _ = relay_with(db, Recorder(), poll_interval=30.0)
+    async with db.session_scope() as session:
+        emit(session, KitOutbox, firm_registered())  # work for the start-up pass
     drained = asyncio.Event()
     db.after_commit.append(lambda session: drained.set())
     relay.start()
-    await asyncio.wait_for(drained.wait(), timeout=10)  # the start-up pass ran
+    await asyncio.wait_for(drained.wait(), timeout=10)  # the start-up pass marked it sent
     # The relay is now parked waiting for a wake-up; wake it and stop at once.
     relay.wake()
     await asyncio.wait_for(relay.stop(), timeout=10)
@@ -382,3 +384,37 @@ async def test_a_poisoned_event_is_dead_lettered_and_the_rest_flow_on(
     assert rows[bad].last_error.startswith("dead-lettered:")
     assert rows[bad].attempts == 3
     assert OUTBOX_DEAD_LETTERED.labels(SERVICE)._value.get() == before + 1
+
+
+async def test_a_subscriber_of_the_same_service_may_write_while_the_relay_publishes(
+    db: Database,
+) -> None:
+    """Embedded mode calls subscribers while publishing. A subscriber in the producing
+    service itself (webhook fan-out, say) writes to the same database; on SQLite the
+    relay must not hold the write lock meanwhile, or the two would wait on each other."""
+    handled: list[str] = []
+
+    async def write_back(envelope: Envelope) -> None:
+        async def apply(session: AsyncSession, env: Envelope) -> None:
+            session.add(Applied(consumer="same-service", event_id=env.id))
+
+        await consume_once(db, KitProcessedEvent, "same-service", envelope, apply)
+        handled.append(envelope.id)
+
+    bus = InProcessBus()
+    bus.subscribe("same-service", write_back, sources=[SERVICE])
+    relay = OutboxRelay(db, KitOutbox, bus, source=SERVICE, poll_interval=30.0)
+    relay.start()
+    try:
+        async with db.session_scope() as session:
+            event_id = emit(session, KitOutbox, firm_registered())
+
+        async def done() -> bool:
+            return handled == [event_id]
+
+        await wait_for(done, timeout=10, what="the subscriber's write")
+    finally:
+        await relay.stop()
+    assert await count_rows(db, Applied) == 1
+    (row,) = await outbox_rows(db)
+    assert row.published_at is not None

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -76,6 +77,15 @@ def emit(session: AsyncSession, model: type[OutboxFields], payload: EventPayload
     return event_id
 
 
+@dataclass
+class _Outcome:
+    """What publishing a batch did: the ids sent, and the first failure if any
+    (event id, error, whether it counts as an attempt of the event)."""
+
+    published: set[str] = field(default_factory=set)
+    failure: tuple[str, str, bool] | None = None
+
+
 class OutboxRelay:
     """Moves committed outbox rows onto the bus."""
 
@@ -99,6 +109,7 @@ class OutboxRelay:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._gauged_at = float("-inf")
+        self._draining = asyncio.Lock()
         db.after_commit.append(self._after_commit)
 
     def _after_commit(self, session: Any) -> None:
@@ -156,55 +167,91 @@ class OutboxRelay:
                 backoff = min(max(backoff * 2, 0.2), 10.0)
 
     async def drain_once(self) -> int:
-        """Publish one batch of unsent events; returns how many rows it handled."""
+        """Publish one batch of unsent events; returns how many rows it handled.
+
+        On PostgreSQL the batch is taken ``FOR UPDATE SKIP LOCKED`` and marked in the
+        same transaction, so replicas relaying the same outbox never send a row
+        concurrently. On SQLite (one process) the batch is read without the write lock,
+        published, then marked in a short write transaction: the in-process bus runs
+        subscribers while publishing, and a subscriber of the same service must be able
+        to write to the same database file meanwhile.
+        """
+        async with self._draining:  # one batch at a time per relay
+            return await self._drain()
+
+    async def _drain(self) -> int:
+        if self.db.postgres:
+            async with self.db.session_scope() as session:
+                rows = await self._unsent(session, lock=True)
+                outcome = await self._publish(rows)
+                self._record(rows, outcome)
+        else:
+            async with self.db.read_scope() as session:
+                rows = await self._unsent(session, lock=False)
+            outcome = await self._publish(rows)
+            if rows:
+                async with self.db.session_scope() as session:
+                    fresh = [await session.get(self.model, row.id) for row in rows]
+                    self._record([r for r in fresh if r is not None], outcome)
+        OUTBOX_PUBLISHED.labels(self.source).inc(len(outcome.published))
+        if outcome.failure is not None:
+            raise RuntimeError(f"publishing stopped after {len(outcome.published)} events")
+        return len(rows)
+
+    async def _unsent(self, session: AsyncSession, *, lock: bool) -> list[OutboxFields]:
         model = self.model
-        published = 0
-        failed = False
-        async with self.db.session_scope() as session:
-            query = (
-                sa.select(model)
-                .where(model.published_at.is_(None))  # type: ignore[union-attr]
-                .order_by(model.id)
-                .limit(self.batch_size)
+        query = (
+            sa.select(model)
+            .where(model.published_at.is_(None))  # type: ignore[union-attr]
+            .order_by(model.id)
+            .limit(self.batch_size)
+        )
+        if lock:
+            query = query.with_for_update(skip_locked=True)
+        return list((await session.execute(query)).scalars().all())
+
+    async def _publish(self, rows: Sequence[OutboxFields]) -> _Outcome:
+        """Publish ``rows`` in order, stopping at the first failure."""
+        outcome = _Outcome()
+        for row in rows:
+            envelope = Envelope(
+                id=row.id,
+                type=row.type,
+                version=row.version,
+                source=self.source,
+                occurred_at=row.occurred_at,
+                data=row.data,
             )
-            if self.db.postgres:
-                query = query.with_for_update(skip_locked=True)
-            rows = (await session.execute(query)).scalars().all()
-            for row in rows:
-                envelope = Envelope(
-                    id=row.id,
-                    type=row.type,
-                    version=row.version,
-                    source=self.source,
-                    occurred_at=row.occurred_at,
-                    data=row.data,
-                )
-                try:
-                    await self.bus.publish(envelope)
-                except BusUnavailable as exc:
-                    # The bus itself is down (Redis unreachable): nothing is wrong with
-                    # this event, so the attempt does not count towards giving it up.
-                    row.last_error = str(exc)[:500]
-                    failed = True
-                    break
-                except Exception as exc:
+            try:
+                await self.bus.publish(envelope)
+            except BusUnavailable as exc:
+                # The bus itself is down (Redis unreachable): nothing is wrong with this
+                # event, so the attempt does not count towards giving it up.
+                outcome.failure = (row.id, str(exc), False)
+                break
+            except Exception as exc:
+                outcome.failure = (row.id, str(exc), True)
+                break
+            outcome.published.add(row.id)
+        return outcome
+
+    def _record(self, rows: Sequence[OutboxFields], outcome: _Outcome) -> None:
+        now = utcnow()
+        for row in rows:
+            if row.id in outcome.published:
+                row.published_at = now
+            elif outcome.failure is not None and outcome.failure[0] == row.id:
+                _, error, counts = outcome.failure
+                row.last_error = error[:500]
+                if counts:
                     row.attempts += 1
-                    row.last_error = str(exc)[:500]
                     if row.attempts >= MAX_ATTEMPTS:
                         # Set aside so that one poisoned event does not hold back the
                         # rest; the row keeps the reason and the metric counts it.
                         log.error("dead-lettering event %s after %d attempts", row.id, row.attempts)
                         row.last_error = f"dead-lettered: {row.last_error}"[:500]
-                        row.published_at = utcnow()
+                        row.published_at = now
                         OUTBOX_DEAD_LETTERED.labels(self.source).inc()
-                    failed = True
-                    break
-                row.published_at = utcnow()
-                published += 1
-            OUTBOX_PUBLISHED.labels(self.source).inc(published)
-        if failed:
-            raise RuntimeError(f"publishing stopped after {published} events")
-        return len(rows)
 
     async def backlog(self) -> tuple[int, float]:
         """Unsent events and the age in seconds of the oldest one."""
