@@ -13,6 +13,8 @@ from services.kit.settings import Settings
 cli = typer.Typer(help="OneCluster: one online industrial cluster.", no_args_is_help=True)
 keys_cli = typer.Typer(help="Token signing keys.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
+metrics_cli = typer.Typer(help="The metrics service's fact store.", no_args_is_help=True)
+cli.add_typer(metrics_cli, name="metrics")
 
 
 class Target(StrEnum):
@@ -20,12 +22,14 @@ class Target(StrEnum):
     membership = "membership"
     marketplace = "marketplace"
     messaging = "messaging"
+    metrics = "metrics"
 
 
 class Service(StrEnum):
     membership = "membership"
     marketplace = "marketplace"
     messaging = "messaging"
+    metrics = "metrics"
 
 
 DataDir = Annotated[
@@ -118,6 +122,40 @@ def keys_rotate(data_dir: DataDir = None) -> None:
     settings = _settings(data_dir)
     kid = rotate_signing_key(settings)
     typer.echo(f"new signing key: {kid}")
+
+
+@metrics_cli.command("rebuild")
+def metrics_rebuild(data_dir: DataDir = None) -> None:
+    """Empty the metrics fact store and replay every service's outbox into it.
+
+    Reads the outbox tables of membership, marketplace and messaging (their databases
+    must be reachable with this process's settings); the imported history is kept.
+    """
+    import asyncio
+
+    from services.kit.db import Database
+    from services.metrics.rebuild import rebuild
+
+    settings = _settings(data_dir)
+
+    async def run() -> None:
+        metrics = Database(settings.database_url_for("metrics"), schema="metrics")
+        sources = {
+            name: Database(settings.database_url_for(name), schema=name)
+            for name in ("membership", "marketplace", "messaging")
+        }
+        try:
+            await metrics.migrate(_migrations_dir("metrics"))
+            outcome = await rebuild(metrics, sources)
+        finally:
+            for db in (metrics, *sources.values()):
+                await db.dispose()
+        typer.echo(
+            f"metrics: replayed {outcome.events_applied} of {outcome.events_read} events, "
+            f"kept {outcome.imported_records} imported records"
+        )
+
+    asyncio.run(run())
 
 
 def main() -> None:
