@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
+from services.kit.db import Database
 from tests.marketplace_support import (
     add_member,
     build_market,
@@ -33,8 +34,10 @@ from tests.oauth_flow import bearer
 GOOD = {"label": "positive"}
 
 
-async def rows(gateway: Any, sql: str, **params: Any) -> list[Any]:
-    async with gateway.apps["marketplace"].state.db.sessionmaker() as session:
+async def rows(source: Any, sql: str, **params: Any) -> list[Any]:
+    """Rows of the marketplace's database: of a gateway, or a ``Database`` of its own."""
+    db = source if isinstance(source, Database) else source.apps["marketplace"].state.db
+    async with db.sessionmaker() as session:
         return list((await session.execute(sa.text(sql), params)).all())
 
 
