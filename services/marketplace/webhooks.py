@@ -104,7 +104,6 @@ from api.events import (
     TaskPublishedV1,
 )
 from services.kit.auth import Principal
-from services.kit.bus import InProcessBus
 from services.kit.db import Database, UTCDateTime, utcnow
 from services.kit.errors import Forbidden, InvalidState, NotFound, Unprocessable
 from services.kit.ids import new_id
@@ -113,7 +112,6 @@ from services.kit.settings import Settings
 from services.marketplace.models import (
     KnownClusterMember,
     MarketplaceBase,
-    MarketplaceOutbox,
     MarketplaceProcessedEvent,
 )
 from services.marketplace.service import REQUESTER_ADMINS, acting_role
@@ -629,95 +627,18 @@ async def _apply_fan_out(session: AsyncSession, envelope: Envelope) -> None:
     await fan_out(session, envelope)
 
 
-class FanOut:
-    """The bus consumer that turns the marketplace's own events into deliveries.
+def subscribe_fan_out(app: FastAPI) -> None:
+    """Consume the marketplace's own events into deliveries, once per event.
 
-    Each event goes through ``consume_once``. With PostgreSQL, or with Redis Streams
-    (whose reader runs apart from the relay), the handler applies it before returning.
-    Embedded on SQLite the in-process bus calls the handler while the relay's
-    transaction holds the database's only write lock, so the handler hands the event
-    to a task that applies it once the relay has committed; should the process stop
-    before that, :meth:`catch_up` at the next start applies every published event of
-    the last day the consumer has not recorded (the outbox is the durable log).
+    The handler applies each event through ``consume_once`` before it returns; if it
+    fails, the bus delivers the event again (embedded: the relay keeps it unsent).
     """
-
-    def __init__(self, db: Database, *, deferred: bool) -> None:
-        self.db = db
-        self.deferred = deferred
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def apply(self, envelope: Envelope) -> bool:
-        return await consume_once(
-            self.db, MarketplaceProcessedEvent, CONSUMER, envelope, _apply_fan_out
-        )
-
-    async def handle(self, envelope: Envelope) -> None:
-        if not self.deferred:
-            await self.apply(envelope)
-            return
-        task = asyncio.create_task(self._apply_later(envelope), name="webhook-fan-out")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _apply_later(self, envelope: Envelope) -> None:
-        delay = 0.05
-        for _ in range(8):
-            try:
-                await self.apply(envelope)
-                return
-            except Exception as exc:
-                log.warning("webhook fan-out of %s: %r; retrying", envelope.id, exc)
-                await asyncio.sleep(delay)
-                delay *= 4
-        log.error("webhook fan-out of %s gave up; the next start catches it up", envelope.id)
-
-    async def catch_up(self, source: str, outbox: Any, window: timedelta) -> int:
-        """Apply published events of ``window`` that the consumer has not recorded."""
-        done = select(MarketplaceProcessedEvent.event_id).where(
-            MarketplaceProcessedEvent.consumer == CONSUMER
-        )
-        async with self.db.read_scope() as session:
-            rows = (
-                await session.execute(
-                    select(outbox)
-                    .where(
-                        col(outbox.type).in_(EVENTS),
-                        col(outbox.published_at).is_not(None),
-                        col(outbox.occurred_at) >= utcnow() - window,
-                        col(outbox.id).not_in(done),
-                    )
-                    .order_by(col(outbox.id))
-                )
-            ).scalars()
-            envelopes = [
-                Envelope(
-                    id=row.id,
-                    type=row.type,
-                    version=row.version,
-                    source=source,
-                    occurred_at=row.occurred_at,
-                    data=row.data,
-                )
-                for row in rows
-            ]
-        applied = 0
-        for envelope in envelopes:
-            applied += await self.apply(envelope)
-        return applied
-
-    async def drain(self) -> None:
-        """Wait for deferred fan-outs still running."""
-        if self._tasks:
-            await asyncio.gather(*set(self._tasks), return_exceptions=True)
-
-
-def subscribe_fan_out(app: FastAPI) -> FanOut:
-    """Consume the marketplace's own events into deliveries (once per event)."""
     db: Database = app.state.db
-    bus = app.state.runtime.bus
-    fan = FanOut(db, deferred=isinstance(bus, InProcessBus) and not db.postgres)
-    bus.subscribe(CONSUMER, fan.handle, sources=["marketplace"], types=EVENTS)
-    return fan
+
+    async def handle(envelope: Envelope) -> None:
+        await consume_once(db, MarketplaceProcessedEvent, CONSUMER, envelope, _apply_fan_out)
+
+    app.state.runtime.bus.subscribe(CONSUMER, handle, sources=["marketplace"], types=EVENTS)
 
 
 # -- the delivery worker -------------------------------------------------------------
@@ -1032,12 +953,7 @@ async def _read_snippet(response: httpx.Response) -> str:
 
 async def on_startup(app: FastAPI) -> None:
     """Subscribe the fan-out to the bus and start the delivery worker (if enabled)."""
-    fan = subscribe_fan_out(app)
-    app.state.webhook_fan_out = fan
-    if fan.deferred:
-        caught = await fan.catch_up("marketplace", MarketplaceOutbox, timedelta(days=1))
-        if caught:
-            log.info("webhook fan-out caught up %d events", caught)
+    subscribe_fan_out(app)
     worker = WebhookWorker(app.state.db, app.state.settings)
     app.state.webhook_worker = worker
     if app.state.settings.webhook_delivery_enabled:
@@ -1045,9 +961,6 @@ async def on_startup(app: FastAPI) -> None:
 
 
 async def on_shutdown(app: FastAPI) -> None:
-    fan: FanOut | None = getattr(app.state, "webhook_fan_out", None)
-    if fan is not None:
-        await fan.drain()
     worker: WebhookWorker | None = getattr(app.state, "webhook_worker", None)
     if worker is not None:
         await worker.stop()
