@@ -92,3 +92,28 @@ def test_database_urls_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     settings = Settings()
     assert settings.database_url_for("messaging") == "postgresql://msg@db2/msg"
     assert settings.database_url_for("metrics") == "postgresql://shared@db/oc"
+
+
+def test_secrets_may_come_as_files_named_like_their_variables(tmp_path: Path) -> None:
+    """A Kubernetes Secret mounted as files in ONECLUSTER_SECRETS_DIR; env still wins."""
+    import subprocess
+    import sys
+
+    (tmp_path / "ONECLUSTER_SECRET_KEY").write_text("a-secret-from-a-mounted-file-0123456789")
+    (tmp_path / "ONECLUSTER_DATABASE_URL").write_text("postgresql://file@db/onecluster")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONECLUSTER_")}
+    env["ONECLUSTER_SECRETS_DIR"] = str(tmp_path)
+    env["ONECLUSTER_DATABASE_URL"] = "postgresql://env@db/onecluster"
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from services.kit.settings import Settings; s = Settings(); "
+            "print(s.secret_key.get_secret_value()); print(s.database_url)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert shown == ["a-secret-from-a-mounted-file-0123456789", "postgresql://env@db/onecluster"]

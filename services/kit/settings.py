@@ -7,6 +7,7 @@ One class serves every service. Each service gets its own database: an explicit
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,14 @@ DEVELOPMENT_SECRET = "development-only-secret-change-me"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ONECLUSTER_", extra="ignore")
+    # Secrets may also come as files (a Kubernetes Secret mounted as a volume): a file
+    # named like the variable (ONECLUSTER_SECRET_KEY, …) in ONECLUSTER_SECRETS_DIR.
+    # An environment variable of the same name wins over the file.
+    model_config = SettingsConfigDict(
+        env_prefix="ONECLUSTER_",
+        extra="ignore",
+        secrets_dir=os.environ.get("ONECLUSTER_SECRETS_DIR") or None,
+    )
 
     env: Literal["development", "test", "production"] = Field(
         "development", description="development and test relax transport and secret checks"
