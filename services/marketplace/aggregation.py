@@ -148,33 +148,26 @@ def dawid_skene(
     # Work on the items that have answers, renumbered 0 … m-1 and sorted, once.
     answered, local = np.unique(item_arr, return_inverse=True)
     m = len(answered)
-    by_item = np.argsort(local, kind="stable")
-    local_sorted = local[by_item]
-    item_starts = np.flatnonzero(np.r_[True, local_sorted[1:] != local_sorted[:-1]])
     pair = ann_arr * k + class_arr  # (annotator, answered class) → row of the matrices
-    pair_by_item = pair[by_item]
-    by_pair = np.argsort(pair, kind="stable")
-    pair_sorted = pair[by_pair]
-    pair_starts = np.flatnonzero(np.r_[True, pair_sorted[1:] != pair_sorted[:-1]])
-    pair_ids = pair_sorted[pair_starts]
-    local_by_pair = local[by_pair]
+    n_pairs = n_ann * k
     known_local = pinned[answered]
     pin_rows = np.flatnonzero(known_local >= 0)
-    pin_onehot = np.eye(k)[known_local[pin_rows]]
+    pin_onehot = np.eye(k)[:, known_local[pin_rows]]
+    # Posteriors are kept class-major, (k, m): each EM step is 2k weighted bincounts.
 
     def pin(posterior: FloatArray) -> FloatArray:
-        posterior[pin_rows] = pin_onehot
+        posterior[:, pin_rows] = pin_onehot
         return posterior
 
     # Start: majority-vote shares.
-    counts = np.bincount(local * k + class_arr, minlength=m * k).reshape(m, k).astype(float)
-    posterior = pin(counts / counts.sum(axis=1, keepdims=True))
+    counts = np.bincount(class_arr * m + local, minlength=k * m).reshape(k, m).astype(float)
+    posterior = pin(counts / counts.sum(axis=0, keepdims=True))
     answers_of = np.bincount(ann_arr, minlength=n_ann).astype(float)
 
     def m_step(post: FloatArray) -> tuple[FloatArray, FloatArray]:
-        priors = (post.sum(axis=0) + smoothing) / (m + smoothing * k)
+        priors = (post.sum(axis=1) + smoothing) / (m + smoothing * k)
         if one_coin:
-            hit = np.bincount(ann_arr, weights=post[local, class_arr], minlength=n_ann)
+            hit = np.bincount(ann_arr, weights=post[class_arr, local], minlength=n_ann)
             accuracy = (hit + smoothing) / (answers_of + 2 * smoothing)
             accuracy = np.clip(accuracy, 1e-12, 1 - 1e-12)
             wrong = (1 - accuracy) / max(k - 1, 1)
@@ -183,20 +176,22 @@ def dawid_skene(
             conf[:, diagonal, diagonal] = accuracy[:, None]
             return priors, conf
         # confusion[a, l, c] ∝ Σ over a's answers l of P(item is c) + smoothing
-        sums = np.add.reduceat(post[local_by_pair], pair_starts, axis=0)
-        flat = np.zeros((n_ann * k, k))
-        flat[pair_ids] = sums
+        flat = np.empty((n_pairs, k))
+        for c in range(k):
+            flat[:, c] = np.bincount(pair, weights=post[c][local], minlength=n_pairs)
         conf = flat.reshape(n_ann, k, k) + smoothing
         conf /= conf.sum(axis=1, keepdims=True)
         return priors, conf
 
     def e_step(priors: FloatArray, conf: FloatArray) -> tuple[FloatArray, float]:
-        log_conf = np.log(conf).reshape(n_ann * k, k)
-        loglik = np.add.reduceat(log_conf[pair_by_item], item_starts, axis=0)
-        loglik += np.log(priors)
-        top = loglik.max(axis=1, keepdims=True)
+        log_conf = np.ascontiguousarray(np.log(conf).reshape(n_pairs, k).T)
+        loglik = np.empty((k, m))
+        for c in range(k):
+            loglik[c] = np.bincount(local, weights=log_conf[c][pair], minlength=m)
+        loglik += np.log(priors)[:, None]
+        top = loglik.max(axis=0, keepdims=True)
         scaled = np.exp(loglik - top)
-        total = scaled.sum(axis=1, keepdims=True)
+        total = scaled.sum(axis=0, keepdims=True)
         log_likelihood = float((np.log(total) + top).sum())
         return pin(scaled / total), log_likelihood
 
@@ -213,9 +208,9 @@ def dawid_skene(
         previous = log_likelihood
     labels = np.full(n, -1, dtype=np.int32)
     confidence = np.zeros(n)
-    chosen = posterior.argmax(axis=1)  # the first maximum: ties go to the smallest class
+    chosen = posterior.argmax(axis=0)  # the first maximum: ties go to the smallest class
     labels[answered] = chosen
-    confidence[answered] = posterior[np.arange(m), chosen]
+    confidence[answered] = posterior[chosen, np.arange(m)]
     return Aggregation(method, labels, confidence, iterations, converged, priors, conf)
 
 
