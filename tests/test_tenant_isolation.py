@@ -175,6 +175,19 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/tasks/{task_id}/contracts/{contract_id}"): Case(),
     ("POST", "/v1/tasks/{task_id}/contracts/{contract_id}:terminate"): Case(lower=("a1x", 403)),
     ("GET", "/v1/firms/{firm_id}/reputation"): Case(note="firms sharing a cluster only"),
+    # ledger and review: a1's firm fa1 runs the cluster; a2 holds a lease (not submitted)
+    ("POST", "/v1/ledger/grants"): Case(
+        body={"cluster_id": "{cluster_id}", "firm_id": "{fa2}", "amount": 5}, lower=("a1x", 403)
+    ),
+    ("GET", "/v1/ledger/accounts"): Case(foreign=None, lower=("a1x", 403)),
+    ("GET", "/v1/ledger/accounts/{account_id}/entries"): Case(lower=("a1x", 403)),
+    ("GET", "/v1/tasks/{task_id}/submissions"): Case(lower=("a1x", 403)),
+    ("POST", "/v1/tasks/{task_id}/submissions:accept"): Case(
+        body={"assignment_ids": ["{assignment_id}"]}, lower=("a1x", 403)
+    ),
+    ("POST", "/v1/tasks/{task_id}/submissions:reject"): Case(
+        body={"assignment_ids": ["{assignment_id}"], "reason": "no"}, lower=("a1x", 403)
+    ),
     # webhooks: fa1's owner a1 manages fa1's; a1x, its annotator, may not
     ("POST", "/v1/webhooks"): Case(body=WEBHOOK, foreign=None, lower=("a1x", 403)),
     ("GET", "/v1/webhooks"): Case(foreign=None, lower=("a1x", 403)),
@@ -308,6 +321,7 @@ def fill(path: str, w: dict[str, Any], overrides: dict[str, str] | None = None) 
         "delivery_id": w.get("delivery_id", ""),
         "channel_id": w.get("channel_id", ""),
         "message_id": w.get("message_id", ""),
+        "account_id": w.get("account_id", ""),
     }
     if path.startswith("/v1/firms/{firm_id}/members/{user_id}"):
         params["user_id"] = w["a1_id"]  # the owner: an annotator may not touch it
@@ -340,6 +354,11 @@ def body_for(case: Case, w: dict[str, Any]) -> dict[str, Any] | None:
 async def build_market_world(client: httpx.AsyncClient, w: dict[str, Any]) -> None:
     """fa1 posts an open task in its cluster; fa2's owner a2 holds a lease on one item."""
     a1 = bearer(w["a1"])
+    grant = {"cluster_id": w["cluster_id"], "firm_id": w["fa1"], "amount": 100}
+    granted = await client.post("/v1/ledger/grants", json=grant, headers=a1)
+    assert granted.status_code == 201, granted.text  # publishing escrows the rewards
+    accounts = await client.get("/v1/ledger/accounts", headers=a1)
+    w["account_id"] = next(a["id"] for a in accounts.json() if a["kind"] == "available")
     created = await client.post("/v1/tasks", json=body_for(Case(body=TASK), w), headers=a1)
     assert created.status_code == 201, created.text
     w["task_id"] = created.json()["id"]
@@ -513,6 +532,7 @@ async def test_every_route_isolates_tenants_and_refuses_bad_input(
                     "delivery_id",
                     "channel_id",
                     "message_id",
+                    "account_id",
                 ):
                     unknown = unknown.replace("{" + name + "}", "zzz_00000000000000000000000000")
                 response = await call(method, unknown, a["a1"], body)
