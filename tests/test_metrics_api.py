@@ -201,3 +201,46 @@ async def test_thin_cluster_is_insufficient_evidence(
     assert "active members: 2 of 5" in missing
     assert "ties between members: 1 of 4" in missing
     assert "days of data in the window: 3 of 14" in missing
+
+
+async def test_idle_park_and_members_without_ties_raise_their_diagnostics(
+    client: httpx.AsyncClient, gateway: Any
+) -> None:
+    firms = {
+        **FIRMS,
+        "he": ("CN-HE", "small_micro_enterprise", ["0304"]),
+        "he2": ("CN-HE", "medium_enterprise", ["0501"]),
+    }
+    world = await build_cluster(client, gateway, "diag", firms)
+    park = await client.post(
+        f"/v1/clusters/{world.cluster_id}/parks",
+        json={"name": "Idle park", "region": "CN-HE", "city": "Baoding", "capacity": 10},
+        headers=bearer(world.operator_tokens),
+    )
+    assert park.status_code == 201, park.text
+    for name in ("he", "he2"):
+        located = await client.patch(
+            f"/v1/clusters/{world.cluster_id}/members/{world.id(name)}",
+            json={"park_id": park.json()["id"]},
+            headers=bearer(world.tokens(name)),
+        )
+        assert located.status_code == 200, located.text
+    await import_history(client, world, [record(world, "core", "sx", "contract", 1.0, 5)])
+    await settle_metrics(gateway)
+    response = await client.get(
+        f"/v1/clusters/{world.cluster_id}/diagnostics", headers=bearer(world.operator_tokens)
+    )
+    assert response.status_code == 200, response.text
+    problems = {p["key"]: p for p in response.json()["problems"]}
+    signals = {s["indicator"]: s for p in problems.values() for s in p["signals"]}
+    assert problems["idle_carriers"]["flagged"] is True
+    assert signals["park_occupancy"]["value"] == 0.2
+    assert signals["park_occupancy"]["parks"][0]["located"] == 2
+    assert signals["dormant_located_share"]["value"] == 1.0  # neither acted on the platform
+    assert problems["agglomerated_not_clustered"]["flagged"] is True
+    assert signals["isolate_share"]["value"] == 0.6  # nm, he, he2 have no tie
+    assert signals["isolate_share"]["crossed"] is True
+    member = await client.get(
+        f"/v1/clusters/{world.cluster_id}/diagnostics", headers=bearer(world.tokens("sx"))
+    )
+    assert member.status_code == 403

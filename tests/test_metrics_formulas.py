@@ -292,3 +292,54 @@ def decide_of(report):  # type: ignore[no-untyped-def]
     from services.metrics.indicators import core_measures
 
     return decide(core_measures(report.frame), CONFIG)
+
+
+# -- diagnostics ---------------------------------------------------------------------
+def test_structure_similarity_and_krugman() -> None:
+    from services.metrics.diagnostics import cosine, krugman, structure
+
+    s = structure([("0301",), ("0301", "0501"), ()])
+    assert s == {"0301": 1.5, "0501": 0.5, "": 1.0}
+    assert cosine({"a": 1.0}, {"a": 3.0}) == pytest.approx(1.0)
+    assert cosine({"a": 1.0}, {"b": 1.0}) == pytest.approx(0.0)
+    assert cosine({"a": 1.0, "b": 1.0}, {"a": 1.0}) == pytest.approx(1 / math.sqrt(2))
+    assert krugman({"a": 1.0}, {"b": 2.0}) == pytest.approx(2.0)
+    assert krugman({"a": 3.0, "b": 1.0}, {"a": 1.0, "b": 1.0}) == pytest.approx(0.5)
+    assert cosine({}, {"a": 1.0}) is None
+
+
+def test_diagnose_flags_what_crosses() -> None:
+    from services.metrics.diagnostics import DiagnosticInputs, ParkFact, diagnose
+
+    facts = four_firms()
+    facts.tasks = [
+        TaskRecord("T1", "A", "CN-BJ", frozenset({"CN-SX"}), T0, outcome="completed"),
+        TaskRecord("T2", "A", "CN-BJ", frozenset(), T0, outcome="cancelled"),
+        TaskRecord("T3", "B", "CN-BJ", frozenset(), T0, outcome="cancelled"),
+    ]
+    report = compute_indicators(facts, CONFIG)
+    stats = network_statistics(build_graph(facts, CONFIG), CONFIG)
+    inputs = DiagnosticInputs(
+        peers={"other": {"0301": 1.0, "0501": 1.0}},
+        parks=[ParkFact("p1", "Park", 10, ["C", "D"])],
+        dormant={"D"},
+    )
+    problems = {p["key"]: p for p in diagnose(facts, report, stats, inputs, CONFIG)}
+    signals = {s["indicator"]: s for p in problems.values() for s in p["signals"]}
+    assert signals["completion_rate"]["value"] == pytest.approx(1 / 3)
+    assert signals["completion_rate"]["crossed"] is True
+    assert problems["low_operating_efficiency"]["flagged"] is True
+    # own structure: 0301 2, 0501 1, "" 1 → cosine with (1, 1, 0) = 3 / (√6 · √2).
+    assert signals["max_similarity_to_other_clusters"]["value"] == pytest.approx(
+        3 / (math.sqrt(6) * math.sqrt(2)), abs=1e-6
+    )
+    # CN-BJ (0301: 2) against CN-SX (0501: 1, "": 1): nothing in common.
+    assert signals["mean_similarity_between_regions"]["value"] == 0.0
+    assert problems["homogeneous_competition"]["flagged"] is False
+    assert signals["park_occupancy"]["value"] == pytest.approx(0.2)
+    assert signals["dormant_located_share"]["value"] == pytest.approx(0.5)
+    assert problems["idle_carriers"]["flagged"] is True  # occupancy 0.2 < 0.5
+    assert signals["knowledge_capital_kinds_present"]["value"] == 1
+    assert "investor" in signals["knowledge_capital_kinds_present"]["missing"]
+    assert signals["isolate_share"]["value"] == 0.0
+    assert problems["agglomerated_not_clustered"]["flagged"] is True  # one kind of five

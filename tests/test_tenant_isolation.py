@@ -231,6 +231,7 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/clusters/{cluster_id}/indicators"): Case(lower=("a2", 403)),
     ("GET", "/v1/clusters/{cluster_id}/network"): Case(lower=("a2", 403)),
     ("GET", "/v1/clusters/{cluster_id}/classification"): Case(lower=("a2", 403)),
+    ("GET", "/v1/clusters/{cluster_id}/diagnostics"): Case(lower=("a2", 403)),
     ("POST", "/v1/clusters/{cluster_id}/history"): Case(
         lower=("a2", 403), note="access is settled before the body is read (bodies: metrics tests)"
     ),

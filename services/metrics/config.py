@@ -59,6 +59,21 @@ class NetworkSettings(_Frozen):
     swaps_per_edge: int = Field(ge=1)
 
 
+class DiagnosticThresholds(_Frozen):
+    min_completion_rate: float
+    max_hours_to_first_claim: float
+    min_monthly_active_share: float
+    max_similarity_to_peers: float
+    max_similarity_between_regions: float
+    min_park_occupancy: float
+    max_dormant_share: float
+    dormant_days: int = Field(ge=1)
+    max_isolate_share: float
+    min_giant_component_share: float
+    min_clustering_vs_random: float
+    min_knowledge_capital_kinds: int
+
+
 class MetricsConfig(_Frozen):
     version: str
     window_days: int
@@ -77,6 +92,7 @@ class MetricsConfig(_Frozen):
     type: TypeThresholds
     confidence: Confidence
     network: NetworkSettings
+    diagnostics: DiagnosticThresholds
     reclassify_interval_seconds: float = Field(gt=0)
 
 

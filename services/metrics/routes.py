@@ -18,6 +18,7 @@ from services.metrics import access, history, service
 from services.metrics.deps import MetricsReader, MetricsWriter, SessionDep
 from services.metrics.schemas import (
     ClassificationOut,
+    DiagnosticsOut,
     HistoryImportResult,
     IndicatorsOut,
     NetworkOut,
@@ -101,6 +102,27 @@ async def get_classification(
 ) -> dict[str, Any]:
     await access.operated_cluster(session, principal, cluster_id)
     return await service.classification(session, cluster_id, _as_utc(as_of), window_days)
+
+
+@router.get(
+    "/clusters/{cluster_id}/diagnostics",
+    response_model=DiagnosticsOut,
+    summary="The four known problems, each with its signals, values and thresholds",
+    description=(
+        "Low operating efficiency, homogeneous competition, idle carriers, and "
+        "agglomerated but not clustered; a problem is flagged when a signal crosses."
+    ),
+    responses=READ_ERRORS,
+)
+async def get_diagnostics(
+    cluster_id: Id,
+    session: SessionDep,
+    principal: MetricsReader,
+    window_days: WindowDays = None,
+    as_of: AsOf = None,
+) -> dict[str, Any]:
+    await access.operated_cluster(session, principal, cluster_id)
+    return await service.diagnostics(session, cluster_id, _as_utc(as_of), window_days)
 
 
 IMPORT_BODY = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Window(BaseModel):
@@ -160,3 +160,28 @@ class HistoryImportResult(BaseModel):
     lines: int
     imported: int
     duplicates: int = Field(description="lines already imported (same external id or content)")
+
+
+class SignalOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    indicator: str = Field(examples=["park_occupancy"])
+    value: float | None
+    op: str = Field(examples=["<"])
+    threshold: float
+    crossed: bool
+
+
+class ProblemOut(BaseModel):
+    key: str = Field(examples=["idle_carriers"])
+    name: str
+    flagged: bool = Field(description="some signal crossed its threshold")
+    signals: list[SignalOut]
+
+
+class DiagnosticsOut(BaseModel):
+    cluster_id: str
+    as_of: datetime
+    window: Window
+    config_version: str
+    problems: list[ProblemOut]

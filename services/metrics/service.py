@@ -26,6 +26,7 @@ from services.kit.ids import new_id
 from services.kit.outbox import emit
 from services.metrics.classifier import classify
 from services.metrics.config import MetricsConfig, load_config
+from services.metrics.diagnostics import DiagnosticInputs, diagnose, load_inputs
 from services.metrics.facts import ClusterFacts, load_facts
 from services.metrics.indicators import FEATURES, compute_indicators
 from services.metrics.models import Classification, Cluster, MetricsOutbox
@@ -97,6 +98,29 @@ def network_payload(facts: ClusterFacts, config: MetricsConfig) -> dict[str, Any
         "statistics": _rounded(network_statistics(graph, config)),
         **graph_payload(graph, config),
     }
+
+
+def diagnostics_payload(
+    facts: ClusterFacts, inputs: DiagnosticInputs, config: MetricsConfig
+) -> dict[str, Any]:
+    report = compute_indicators(facts, config)
+    stats = network_statistics(build_graph(facts, config), config)
+    return {
+        "cluster_id": facts.cluster_id,
+        "as_of": facts.as_of,
+        "window": _window(facts),
+        "config_version": config.version,
+        "problems": diagnose(facts, report, stats, inputs, config),
+    }
+
+
+async def diagnostics(
+    session: AsyncSession, cluster_id: str, as_of: datetime | None, window_days: int | None
+) -> dict[str, Any]:
+    config = load_config()
+    facts = await load_facts(session, cluster_id, *window_of(config, as_of, window_days))
+    inputs = await load_inputs(session, facts, config)
+    return await asyncio.to_thread(diagnostics_payload, facts, inputs, config)
 
 
 async def indicators(
