@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,3 +240,94 @@ async def submit(
         json={"answers": [{"assignment_id": a, "answer": ans} for a, ans in answers]},
         headers=bearer(tokens),
     )
+
+
+@dataclass
+class Crowd:
+    """A requester firm (operator of the cluster) and many annotators over vendor firms."""
+
+    cluster_id: str
+    requester_id: str
+    requester: dict
+    vendor_ids: list[str]
+    annotators: list[dict]  # tokens acting for the annotator's vendor firm
+
+
+async def build_crowd(
+    new_client: Callable[[], httpx.AsyncClient],
+    *,
+    tag: str,
+    vendors: list[str],
+    annotators: int,
+    concurrency: int = 16,
+    credits: int = 1_000_000,
+) -> Crowd:
+    """Many annotators through the public API, concurrently, two password hashes each.
+
+    ``vendors`` are the vendor firms' regions; annotators are spread over them round
+    robin; the requester is granted ``credits`` (publishing escrows the rewards). An
+    annotator signs up, signs in (acting for no firm yet), accepts the owner's
+    invitation and refreshes the token, which then acts for the firm (the user's earliest
+    and only one). Each user signs in with a client of its own: the login page's CSRF
+    cookie belongs to one browser.
+    """
+    async with new_client() as client:
+        requester_id, requester = await owner_of(client, f"req@{tag}.example", REQUESTER)
+        cluster = await client.post(
+            "/v1/clusters",
+            json={"name": f"{tag} cluster", "core_region": "CN-BJ"},
+            headers=bearer(requester),
+        )
+        assert cluster.status_code == 201, cluster.text
+        cluster_id = cluster.json()["id"]
+        firms: list[tuple[str, dict]] = []
+        for i, region in enumerate(vendors):
+            firm_id, owner = await owner_of(
+                client, f"owner-{i}@{tag}.example", vendor_profile(f"{tag}-v{i}", region)
+            )
+            await join(client, requester, cluster_id, firm_id, owner)
+            firms.append((firm_id, owner))
+        if credits:
+            await grant_credits(client, requester, cluster_id, requester_id, credits)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def annotator(index: int) -> dict:
+        firm_id, owner = firms[index % len(firms)]
+        email = f"ann{index:04d}@{tag}.example"
+        async with gate, new_client() as client:
+            await sign_up(client, email)
+            tokens = await login(client, email)
+            await invite_member(client, owner, firm_id, tokens, email, role="annotator")
+            refreshed = await client.post(
+                "/oauth/token",
+                data={
+                    "grant_type": "refresh_token",
+                    "refresh_token": tokens["refresh_token"],
+                    "client_id": "onecluster-web",
+                },
+            )
+            assert refreshed.status_code == 200, refreshed.text
+            return dict(refreshed.json())
+
+    crowd = await asyncio.gather(*(annotator(i) for i in range(annotators)))
+    return Crowd(cluster_id, requester_id, requester, [f for f, _ in firms], list(crowd))
+
+
+async def wait_until_visible(
+    client: httpx.AsyncClient, task_id: str, people: list[dict], timeout: float = 60.0
+) -> None:
+    """Wait until every one of ``people`` may read the task: the marketplace's read model
+    (fed by membership's events) knows their firm, membership and role."""
+    deadline = time.monotonic() + timeout
+    waiting = list(people)
+    while waiting:
+        answers = await asyncio.gather(
+            *(client.get(f"/v1/tasks/{task_id}", headers=bearer(t)) for t in waiting)
+        )
+        for response in answers:
+            assert response.status_code in (200, 404), response.text
+        waiting = [t for t, r in zip(waiting, answers, strict=True) if r.status_code != 200]
+        if waiting and time.monotonic() > deadline:
+            raise AssertionError(f"{len(waiting)} annotators still cannot see the task")
+        if waiting:
+            await asyncio.sleep(0.2)
