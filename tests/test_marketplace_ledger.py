@@ -29,7 +29,7 @@ from tests.marketplace_support import (
     task_body,
     vendor_profile,
 )
-from tests.oauth_flow import bearer
+from tests.oauth_flow import bearer, client_credentials
 
 GOOD = {"label": "positive"}
 
@@ -148,8 +148,24 @@ async def test_only_the_operator_grants_credits(client: httpx.AsyncClient, gatew
     zero = await client.post(url, json={**body, "amount": 0}, headers=bearer(market.requester))
     assert zero.status_code == 422
 
-    assert await balances(client, market.owners["sx"], cid) == {"available": 150}
-    assert await balances(client, market.requester, cid) == {"issuance": -150}
+    # The operator's integrator client with marketplace:write grants; a read-only one not.
+    clients = {}
+    for name, scope in (("etl", "marketplace:read marketplace:write"), ("ro", "marketplace:read")):
+        made = await client.post(
+            f"/v1/firms/{market.requester_id}/clients",
+            json={"name": name, "scope": scope},
+            headers=bearer(market.requester),
+        )
+        assert made.status_code == 201, made.text
+        clients[name] = await client_credentials(
+            client, made.json()["client_id"], made.json()["client_secret"]
+        )
+    assert (await client.post(url, json=body, headers=bearer(clients["etl"]))).status_code == 201
+    assert (await client.post(url, json=body, headers=bearer(clients["ro"]))).status_code == 403
+    assert await balances(client, clients["ro"], cid) == {"issuance": -160}
+
+    assert await balances(client, market.owners["sx"], cid) == {"available": 160}
+    assert await balances(client, market.requester, cid) == {"issuance": -160}
     assert (
         await client.get("/v1/ledger/accounts", headers=bearer(market.annotators["sx"][0]))
     ).status_code == 403

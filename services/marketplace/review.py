@@ -15,9 +15,10 @@ nothing; the filter form skips what is no longer ``submitted``. The sweeper take
 rows ``FOR UPDATE SKIP LOCKED`` (of the assignment and its task), so replicas sweep
 different tasks and never wait on a request that is reviewing one.
 
-Auto-acceptance is applied by the background sweeper (``ONECLUSTER_REVIEW_SWEEP_
-INTERVAL``, 30 s) and, where it is cheap, lazily: a rejection first accepts whatever
-of the task is already due (so an overdue submission cannot be rejected any more).
+Auto-acceptance is applied by the background sweeper (every
+``ONECLUSTER_REVIEW_SWEEP_INTERVAL`` seconds, 30 by default) and, where it is cheap,
+lazily: a rejection first accepts whatever of the task is already due (so an overdue
+submission cannot be rejected any more).
 Reads (the submissions list, statements) never write: a due submission shows as
 ``submitted`` until the next sweep.
 """
