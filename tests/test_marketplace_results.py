@@ -183,6 +183,54 @@ async def test_rejected_answers_do_not_count_and_accepted_only_narrows(
     assert bad.status_code == 422
 
 
+async def test_review_through_the_api_decides_what_counts(
+    client: httpx.AsyncClient, gateway
+) -> None:
+    s = await _scenario(client, gateway, "rrev")
+    requester, tid = s["market"].requester, s["tid"]
+    a1, a2, _ = s["ids"]
+    raw = _jsonl(await _get(client, f"/v1/tasks/{tid}/annotations", requester))
+    a1_on_r0 = next(
+        r["assignment_id"]
+        for r in raw
+        if r["annotator_id"] == a1 and r["item_id"] == s["work"]["r0"]
+    )
+    rejected = await client.post(
+        f"/v1/tasks/{tid}/submissions:reject",
+        json={"assignment_ids": [a1_on_r0], "reason": "careless"},
+        headers=bearer(requester),
+    )
+    assert rejected.status_code == 200, rejected.text
+    accepted = await client.post(
+        f"/v1/tasks/{tid}/submissions:accept",
+        json={"filter": {"annotator_id": a2}},
+        headers=bearer(requester),
+    )
+    assert accepted.status_code == 200, accepted.text
+    rows = {
+        r["external_id"]: r
+        for r in _jsonl(await _get(client, f"/v1/tasks/{tid}/results", requester))
+    }
+    assert rows["r0"]["annotations"] == 2 and rows["r0"]["confidence"] == pytest.approx(0.5)
+    assert all(rows[f"r{i}"]["annotations"] == 3 for i in (1, 2, 3))
+    only = _jsonl(await _get(client, f"/v1/tasks/{tid}/results", requester, status="accepted"))
+    assert {r["annotations"] for r in only} == {1}
+    assert [r["label"] for r in sorted(only, key=lambda r: r["external_id"])] == [
+        POS,
+        NEG,
+        NEU,
+        NEU,
+    ]
+    statuses = {
+        r["assignment_id"]: r["status"]
+        for r in _jsonl(await _get(client, f"/v1/tasks/{tid}/annotations", requester))
+    }
+    assert statuses[a1_on_r0] == "rejected"
+    report = (await _get(client, f"/v1/tasks/{tid}/quality", requester)).json()
+    assert report["counts"]["answers"].get("rejected") == 1
+    assert report["agreement"]["annotations"] == 11
+
+
 async def test_dawid_skene_results_match_the_aggregation_of_the_raw_export(
     client: httpx.AsyncClient, gateway
 ) -> None:
