@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
 from services.kit.runtime import Runtime
@@ -101,15 +101,26 @@ class Gateway:
         return app
 
     def _match(self, scope: Scope) -> FastAPI | None:
+        """The service with the most specific full match, as one router would choose.
+
+        Two services may both match a path (``/v1/clusters/compare`` is metrics' own
+        route and also membership's ``/v1/clusters/{cluster_id}``): the match that
+        binds fewer path parameters — more literal segments — wins; on a tie, the
+        service listed first.
+        """
+        best: tuple[int, FastAPI] | None = None
         partial: FastAPI | None = None
         for app in self.apps.values():
             for route in app.router.routes:
                 match, _ = route.matches(scope)
                 if match == Match.FULL:
-                    return app
+                    bound = _bound_parameters(route, scope)
+                    if best is None or bound < best[0]:
+                        best = (bound, app)
+                    break
                 if match == Match.PARTIAL and partial is None:
                     partial = app  # right path, wrong method: its 405 is the answer
-        return partial
+        return best[1] if best is not None else partial
 
     def _own_route(self, path: str) -> Callable[[Request], Any] | None:
         return {
@@ -204,3 +215,19 @@ class Gateway:
 
 def create_gateway(settings: Settings | None = None, services: list[str] | None = None) -> Gateway:
     return Gateway(settings or Settings(), services)
+
+
+def _bound_parameters(route: BaseRoute, scope: Scope) -> int:
+    """How many path parameters the route that fully matches ``scope`` binds.
+
+    FastAPI wraps an included router in one route whose match says nothing of the
+    route inside it, so look inside (``original_router``) for the one that matched.
+    """
+    inner = getattr(route, "original_router", None)
+    if inner is None:
+        _, child = route.matches(scope)
+        return len(child.get("path_params") or {})
+    for leaf in inner.routes:
+        if leaf.matches(scope)[0] == Match.FULL:
+            return _bound_parameters(leaf, scope)
+    return 0
