@@ -9,11 +9,10 @@ log gives identical indicators, network and classification.
    with an industrial-internet platform and a shared service centre →
    industrial digitalisation, geographic.
 3. An AI cluster whose core sits in Beijing, tied by annotation work to vendor bases in
-   Shanxi, Inner Mongolia and Hebei → virtual network. Its core still holds more than
-   half of the activity (every cross-region tie gives Beijing half of its weight, and the
-   core's local ties the rest), so its form is virtual-real combined: a real core
-   agglomeration plus network links, which the cross-region task share turns into a
-   virtual network.
+   Shanxi, Inner Mongolia and Hebei → virtual network, network space: most of its
+   collaboration weight crosses regions. Beijing still holds more than half of the
+   activity (every cross-region tie gives the hub half of its weight), which is why the
+   cross-region share alone decides network space.
 """
 
 from __future__ import annotations
@@ -106,7 +105,7 @@ async def test_software_cluster_is_digital_industrialisation_geographic(
     assert body["confidence"]["agreement"] >= 0.9
     assert body["confidence"]["band"] == "high"
     assert "digital_core_share 1.000 >= 0.5" in body["explanation"]
-    assert body["config_version"] == "metrics-config-v1"
+    assert body["config_version"] == "metrics-config-v2"
 
 
 async def test_furniture_cluster_is_industrial_digitalisation_geographic(
@@ -153,12 +152,11 @@ async def test_ai_cluster_is_virtual_network_and_is_recorded_and_rebuilt(
     await settle_metrics(gateway)
     as_of = datetime.now(UTC).isoformat()
     body = await classification(client, w, as_of=as_of)
-    assert (body["label"], body["form"]) == ("virtual_network", "virtual_real_combined")
+    assert (body["label"], body["form"]) == ("virtual_network", "network_space")
     deciding = {c["indicator"]: c for c in body["deciding"]}
-    assert deciding["cross_region_task_share"]["value"] == 1.0
+    assert list(deciding) == ["cross_region_weight_share"]
     assert deciding["cross_region_weight_share"]["value"] == round(3.9 / 4.7, 6)
-    assert deciding["top_region_share"]["value"] == round(2.75 / 4.7, 6)
-    assert "cross_region_task_share 1.000 >= 0.4" in body["explanation"]
+    assert "cross_region_weight_share 0.830 >= 0.5" in body["explanation"]
 
     # The sweep records the classification once and announces it.
     db = gateway.apps["metrics"].state.db
@@ -166,7 +164,7 @@ async def test_ai_cluster_is_virtual_network_and_is_recorded_and_rebuilt(
     await reclassify_dirty(db)  # nothing changed: no second row
     again = await classification(client, w, as_of=as_of)
     assert [(h["label"], h["form"]) for h in again["history"]] == [
-        ("virtual_network", "virtual_real_combined")
+        ("virtual_network", "network_space")
     ]
     async with db.sessionmaker() as session:
         events = (

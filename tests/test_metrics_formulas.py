@@ -243,16 +243,29 @@ def test_decision_list() -> None:
 
     d = decide(measures(cross_region_weight_share=0.7, top_region_share=0.4), CONFIG)
     assert (d.label, d.form) == ("virtual_network", "network_space")
+    # A hub-and-spoke cluster: the hub holds half of every cross-region tie, so its
+    # region's activity share stays above one half. From v2 the cross-region share alone
+    # decides network space; v1 (kept for recorded classifications) capped the top region.
+    hub = measures(cross_region_weight_share=0.83, top_region_share=0.58)
+    d = decide(hub, CONFIG)
+    assert (d.label, d.form) == ("virtual_network", "network_space")
+    assert [(c.indicator, c.op, c.threshold) for c in d.conditions] == [
+        ("cross_region_weight_share", ">=", 0.5)
+    ]
+    assert d.conditions[0].margin == pytest.approx(0.33)
+    v1 = load_config("metrics-config-v1")
+    assert v1.form.network_max_top_region_share == 0.5
+    assert decide(hub, v1).form == "virtual_real_combined"
 
     # Combined form: tasks crossing regions decide the virtual network...
-    d = decide(measures(cross_region_weight_share=0.6, cross_region_task_share=0.8), CONFIG)
+    d = decide(measures(cross_region_weight_share=0.35, cross_region_task_share=0.8), CONFIG)
     assert (d.label, d.form) == ("virtual_network", "virtual_real_combined")
     # ... or not, and the digital core share decides.
-    d = decide(measures(cross_region_weight_share=0.6, cross_region_task_share=0.1), CONFIG)
+    d = decide(measures(cross_region_weight_share=0.35, cross_region_task_share=0.1), CONFIG)
     assert (d.label, d.form) == ("digital_industrialisation", "virtual_real_combined")
     assert "cross_region_task_share" in [c.indicator for c in d.conditions]
     # Unknown task share (no tasks) never holds.
-    d = decide(measures(cross_region_weight_share=0.6, cross_region_task_share=None), CONFIG)
+    d = decide(measures(cross_region_weight_share=0.35, cross_region_task_share=None), CONFIG)
     assert d.label == "digital_industrialisation"
 
 
@@ -278,13 +291,12 @@ def test_gate_and_confidence(report) -> None:  # type: ignore[no-untyped-def]
     again = bootstrap_agreement(report.frame, decide_of(report), relaxed)
     assert again == result["confidence"]["agreement"]  # fixed seed
     # Deciding: the geographic rule failed on the cross-region share (0.375 ≥ 0.2), the
-    # network-space rule on both (0.375 < 0.5, top region 0.6875 ≥ 0.5); then tasks.
-    named = [(c["indicator"], c["holds"]) for c in result["deciding"]]
+    # network-space rule too (0.375 < 0.5); then the tasks crossing regions.
+    named = [(c["indicator"], c["op"], c["holds"]) for c in result["deciding"]]
     assert named == [
-        ("cross_region_weight_share", False),
-        ("cross_region_weight_share", False),
-        ("top_region_share", False),
-        ("cross_region_task_share", True),
+        ("cross_region_weight_share", "<", False),
+        ("cross_region_weight_share", ">=", False),
+        ("cross_region_task_share", ">=", True),
     ]
 
 

@@ -8,8 +8,12 @@ A transparent decision list whose thresholds come from the configuration:
 2. **Form.** ``geographic`` when the cross-region collaboration share is below
    ``geographic_max_cross_region_share`` and the top region holds at least
    ``geographic_min_top_region_share`` of activity; ``network_space`` when the
-   cross-region share is at least ``network_min_cross_region_share`` and the top region
-   holds less than ``network_max_top_region_share``; otherwise ``virtual_real_combined``.
+   cross-region share is at least ``network_min_cross_region_share`` (configuration v1
+   also asked the top region to hold less than ``network_max_top_region_share``, which
+   a hub-and-spoke cluster can never meet: a hub gets half of every cross-region tie);
+   otherwise ``virtual_real_combined``. The cross-region share of collaboration weight
+   is thus the deciding indicator of network space, and spatial concentration (with a
+   low cross-region share) that of the geographic form.
 3. **Type.** ``virtual_network`` when the form is network-space, or virtual-real
    combined with a cross-region task share of at least
    ``virtual_min_cross_region_task_share``; else ``digital_industrialisation`` when the
@@ -87,10 +91,9 @@ def decide(measures: dict[str, float | None], config: MetricsConfig) -> Decision
         Condition("cross_region_weight_share", "<", f.geographic_max_cross_region_share, cross),
         Condition("top_region_share", ">=", f.geographic_min_top_region_share, top),
     ]
-    net = [
-        Condition("cross_region_weight_share", ">=", f.network_min_cross_region_share, cross),
-        Condition("top_region_share", "<", f.network_max_top_region_share, top),
-    ]
+    net = [Condition("cross_region_weight_share", ">=", f.network_min_cross_region_share, cross)]
+    if f.network_max_top_region_share is not None:
+        net.append(Condition("top_region_share", "<", f.network_max_top_region_share, top))
     used: list[Condition] = []
     if all(c.holds for c in geo):
         form = "geographic"

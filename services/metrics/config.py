@@ -2,6 +2,11 @@
 
 They live in ``config/metrics-config-v<N>.json``, not in code: a change of a threshold is
 a new file with a new version, and every classification records the version it used.
+Older files stay, so a recorded classification can be recomputed under its version.
+
+* v1: the starting decision list.
+* v2: network space is decided by the cross-region collaboration share alone (see
+  :class:`FormThresholds`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 CONFIG_DIR = Path(__file__).parent / "config"
-CURRENT = "metrics-config-v1"
+CURRENT = "metrics-config-v2"
 
 
 class _Frozen(BaseModel):
@@ -35,7 +40,11 @@ class FormThresholds(_Frozen):
     geographic_max_cross_region_share: float
     geographic_min_top_region_share: float
     network_min_cross_region_share: float
-    network_max_top_region_share: float
+    network_max_top_region_share: float | None = None
+    """v1 also capped the top region's activity share for network space; v2 does not:
+    every tie gives each end half its weight, so a hub region tied only to other
+    regions already holds half the activity and a hub-and-spoke network could never
+    qualify. The cross-region share alone decides network space from v2 on."""
 
 
 class TypeThresholds(_Frozen):
