@@ -93,6 +93,35 @@ async def build_world(client: httpx.AsyncClient, gateway: Any, tag: str = "w") -
     return world
 
 
+async def served_world(base: str, tag: str) -> tuple[httpx.AsyncClient, World, str]:
+    """A world built through a served API, once messaging knows every firm of it.
+
+    Returns an HTTP client on ``base`` (the caller closes it), the world and the id of
+    the cluster's general channel.
+    """
+    client = httpx.AsyncClient(base_url=base, timeout=60)
+    w = await build_world(client, None, tag)
+    deadline = time.monotonic() + 60
+    general = ""
+    for person in ("op", "op2", "sx", "sx2", "nm"):
+        while True:
+            r = await client.get(
+                "/v1/channels",
+                params={"kind": "general", "cluster_id": w.cluster_id},
+                headers=w.h(person),
+            )
+            if r.status_code == 200 and r.json()["items"]:
+                general = r.json()["items"][0]["id"]
+                break
+            assert time.monotonic() < deadline, r.text
+            await asyncio.sleep(0.1)
+    return client, w, general
+
+
+def token(w: World, person: str) -> str:
+    return str(w.tokens[person]["access_token"])
+
+
 async def general_of(client: httpx.AsyncClient, world: World, person: str = "op") -> dict:
     listed = await client.get(
         "/v1/channels",

@@ -8,42 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+import secrets
 from pathlib import Path
 
-import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from services.messaging.client import MessagingClient
-from tests.messaging_support import World, build_world, replica
+from tests.messaging_support import replica, served_world, token
 
 pytestmark = pytest.mark.slow
-
-
-async def served_world(base: str, tag: str) -> tuple[httpx.AsyncClient, World, str]:
-    """A world built through the served API, once messaging knows every firm of it."""
-    client = httpx.AsyncClient(base_url=base, timeout=60)
-    w = await build_world(client, None, tag)
-    deadline = time.monotonic() + 30
-    general = ""
-    for person in ("op", "op2", "sx", "sx2", "nm"):
-        while True:
-            r = await client.get(
-                "/v1/channels",
-                params={"kind": "general", "cluster_id": w.cluster_id},
-                headers=w.h(person),
-            )
-            if r.status_code == 200 and r.json()["items"]:
-                general = r.json()["items"][0]["id"]
-                break
-            assert time.monotonic() < deadline, r.text
-            await asyncio.sleep(0.1)
-    return client, w, general
-
-
-def token(w: World, person: str) -> str:
-    return str(w.tokens[person]["access_token"])
 
 
 async def test_auth_first_frame_and_typed_errors(
@@ -194,3 +168,69 @@ async def test_replay_then_live_without_gaps_and_resync_beyond_the_bound(
                 assert answer["type"] == "subscribed"
                 replayed = [(await late.recv_until("event"))["seq"] for _ in range(6)]
                 assert replayed == [41, 42, 43, 44, 45, 46]
+
+
+async def test_a_client_that_stops_reading_is_closed_with_4008_and_slows_nobody(
+    tmp_path: Path, database_url: str | None, redis_prefix: str
+) -> None:
+    """A subscriber that never reads: its socket closes with 4008, a healthy one gets all.
+
+    Small queue, large incompressible messages (frames are deflated): the stuck client's
+    TCP window fills, then its frames wait past the send timeout or overflow its queue.
+    Messages go out until the server has closed it; the healthy subscriber on the same
+    channel must have every one of them, in order, meanwhile.
+    """
+    env = {
+        "ONECLUSTER_MESSAGING_SEND_QUEUE": "4",
+        "ONECLUSTER_MESSAGING_SEND_TIMEOUT": "2",
+        "ONECLUSTER_MESSAGING_MAX_MESSAGE_BYTES": "65536",
+    }
+    with replica(tmp_path, "a", database_url, redis_prefix, env) as (base, _):
+        log = tmp_path / "a.log"
+        http, w, general = await served_world(base, "slow")
+        async with (
+            contextlib.aclosing(http),
+            MessagingClient(base, token(w, "sx2")) as healthy,
+        ):
+            stuck = MessagingClient(
+                base, token(w, "nm"), max_queue=1, receive_buffer=4096, keepalive=False
+            )
+            await stuck.open()
+            assert (await stuck.subscribe(general))["type"] == "subscribed"
+            assert (await healthy.subscribe(general))["type"] == "subscribed"
+            seen: list[int] = []
+
+            async def read_healthy(upto: int) -> None:
+                while len(seen) < upto:
+                    data = await healthy.recv(wait=60)
+                    if data["type"] == "event":
+                        seen.append(data["seq"])
+
+            sent = 0
+            closed = False
+            while not closed and sent < 600:
+                for _ in range(10):
+                    r = await http.post(
+                        f"/v1/channels/{general}/messages",
+                        json={"text": f"{sent} {secrets.token_urlsafe(45_000)}"},
+                        headers=w.h("op"),
+                    )
+                    assert r.status_code == 201, r.text
+                    sent += 1
+                await read_healthy(sent)  # the healthy one keeps up all along
+                closed = "with 4008 (slow consumer)" in log.read_text(errors="replace")
+            assert closed, "the stuck subscriber was never closed"
+            assert seen == list(range(1, sent + 1))
+            # the stuck client finally reads: a prefix of the stream, then 4008
+            got: list[int] = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    data = await stuck.recv(wait=60)
+                    if data["type"] == "event":
+                        got.append(data["seq"])
+            assert got == list(range(1, len(got) + 1)) and len(got) < sent
+            assert stuck.ws is not None
+            assert (stuck.ws.close_code, stuck.ws.close_reason) == (4008, "slow consumer")
+            # the healthy one is still served
+            await healthy.send_frame({"type": "ping", "id": "after"})
+            assert (await healthy.recv_until("pong"))["ref"] == "after"

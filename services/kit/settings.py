@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     messaging_sweep_interval: float = Field(
         2.0, gt=0, description="seconds between checks that catch notifications lost in transit"
     )
+    messaging_send_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds one frame may wait to be written to a socket before its client "
+        "counts as slow (closed with 4008)",
+    )
 
     log_level: str = "INFO"
     log_json: bool = True

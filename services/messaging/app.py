@@ -19,7 +19,8 @@ from services.messaging.models import (
 
 
 async def start_hub(app: FastAPI) -> None:
-    hub = Hub(app.state.db, app.state.settings, app.state.runtime.redis)
+    runtime = app.state.runtime
+    hub = Hub(app.state.db, app.state.settings, runtime.redis, runtime.denylist)
     app.state.hub = hub
     hub.start()
 

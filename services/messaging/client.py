@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 
 class MessagingClient:
@@ -29,11 +29,13 @@ class MessagingClient:
         *,
         max_queue: int | None = 64,
         receive_buffer: int | None = None,
+        keepalive: bool = True,
     ) -> None:
         self.url = base_url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/ws"
         self.token = token
         self.max_queue = max_queue
         self.receive_buffer = receive_buffer
+        self.keepalive = keepalive
         self.ws: ClientConnection | None = None
         self._ids = itertools.count(1)
 
@@ -47,7 +49,12 @@ class MessagingClient:
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, (host, int(port or 80)))
         self.ws = await connect(
-            self.url, sock=sock, max_queue=self.max_queue, max_size=None, open_timeout=10
+            self.url,
+            sock=sock,
+            max_queue=self.max_queue,
+            max_size=None,
+            open_timeout=10,
+            ping_interval=20 if self.keepalive else None,
         )
         if not authenticate:
             return None
@@ -127,11 +134,13 @@ async def follow(
     since_seq: int = 0,
     stop: asyncio.Event,
     retry_delay: float = 0.2,
+    on_subscribed: Callable[[str, int], None] | None = None,
 ) -> int:
     """Deliver every event of a channel after ``since_seq`` to ``on_event``, in order, once.
 
     Connects to the URLs in turn; after a dropped socket it resumes with the last seq it
-    delivered. Returns that seq when ``stop`` is set.
+    delivered. ``on_subscribed(base_url, since_seq)`` is told of every (re)subscription.
+    Returns the last seq delivered when ``stop`` is set.
     """
     last = since_seq
     for base in itertools.cycle(base_urls):
@@ -146,6 +155,8 @@ async def follow(
                 continue
             if answer["type"] != "subscribed":
                 raise RuntimeError(f"subscribe failed: {answer}")
+            if on_subscribed is not None:
+                on_subscribed(base, last)
             async for data in _until(client, stop):
                 if data.get("type") == "event" and data["channel_id"] == channel_id:
                     if data["seq"] != last + 1:
@@ -155,7 +166,7 @@ async def follow(
                 elif data.get("type") == "resync_required":
                     last = await _refetch(base, token(), channel_id, last, on_event)
                     break
-        except (OSError, ConnectionClosed, TimeoutError):
+        except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, httpx.TransportError):
             await asyncio.sleep(retry_delay)
         finally:
             with contextlib.suppress(Exception):

@@ -14,8 +14,19 @@ a periodic sweep compares each subscribed channel's ``last_seq`` with what was s
 fetches what a lost notification (or a writer that died between commit and publish)
 left behind; a Redis reconnect triggers the same check at once.
 
-Each socket has a bounded queue of frames. A socket whose client does not read fast
-enough fills it and is closed with 4008 ("slow consumer"); nobody else waits for it.
+Backpressure: each socket has a bounded queue of frames (``messaging_send_queue``) and
+its own writer task. Live delivery only ever puts a frame in the queue without waiting,
+so one socket can never hold up another or the notification listener. A client that
+does not read fills its TCP window, then the writer's frame waits longer than
+``messaging_send_timeout``, or the queue overflows: either way the socket is closed with
+4008 ("slow consumer"). A replay (subscribe, gap fill) does wait for room in the queue,
+within the same timeout, since it runs in the subscription's own task.
+
+Access: an access change announced by the read model (a firm left a cluster, a user
+left a firm or was deactivated) re-checks the subscriptions it may end at once (frame
+``unsubscribed``, reason ``access_revoked``) and closes with 4002 the sockets whose token
+membership deny-listed; the sweep also closes sockets whose token was deny-listed for
+any other reason, or expired (4001).
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from services.kit.auth import Principal
+from services.kit.auth import DenyList, MemoryDenyList, Principal
 from services.kit.db import Database
 from services.kit.settings import Settings
 from services.messaging import service
@@ -44,6 +55,7 @@ log = logging.getLogger("onecluster.messaging.fanout")
 
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_TOKEN_EXPIRED = 4001
+CLOSE_TOKEN_REVOKED = 4002
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
@@ -105,7 +117,8 @@ class Subscription:
                 for payload in frames:
                     if payload["seq"] == self.last + 1:
                         self.last = payload["seq"]
-                        self.conn.push(payload)
+                        if not await self.conn.put(payload):
+                            return
         except Exception:
             log.exception("catch-up of %s failed; the sweep retries", self.channel_id)
         finally:
@@ -127,6 +140,7 @@ class Connection:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def push(self, payload: dict[str, Any]) -> None:
+        """Queue a frame without waiting; a full queue means a slow consumer (4008)."""
         if self.closed:
             return
         try:
@@ -134,11 +148,26 @@ class Connection:
         except asyncio.QueueFull:
             self.fail(CLOSE_SLOW_CONSUMER, "slow consumer")
 
+    async def put(self, payload: dict[str, Any]) -> bool:
+        """Queue a frame, waiting for room up to the send timeout (replays); False if closed."""
+        if self.closed:
+            return False
+        try:
+            await asyncio.wait_for(
+                self.queue.put(payload), self.hub.settings.messaging_send_timeout
+            )
+        except TimeoutError:
+            self.fail(CLOSE_SLOW_CONSUMER, "slow consumer")
+            return False
+        return not self.closed
+
     def fail(self, code: int, reason: str) -> None:
         """End the connection with ``code``; the socket's handler closes it."""
         if self.closed:
             return
         self.closed, self.close_code, self.close_reason = True, code, reason
+        if code >= 4000 or code == CLOSE_SERVICE_RESTART:
+            log.info("closing the socket of %s with %s (%s)", self.principal.subject, code, reason)
         for sub in list(self.subs.values()):
             self.hub.unsubscribe(sub)
         self.done.set()
@@ -147,8 +176,15 @@ class Connection:
 class Hub:
     """This replica's sockets and subscriptions, and the notification transport."""
 
-    def __init__(self, db: Database, settings: Settings, redis: Redis | None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        redis: Redis | None,
+        denylist: DenyList | None = None,
+    ) -> None:
         self.db = db
+        self.denylist: DenyList = denylist or MemoryDenyList()
         self.settings = settings
         self.redis = redis
         self.channel = f"{settings.redis_prefix}:messaging:fanout"
@@ -264,7 +300,20 @@ class Hub:
             self._spawn(self._recheck(note["scope"]))
 
     async def _recheck(self, scope: dict[str, str]) -> None:
-        """Drop the subscriptions an access change ended (left the cluster, firm, channel)."""
+        """Drop the subscriptions an access change ended (left the cluster, firm, channel).
+
+        A change about a user or a firm first closes (4002) the sockets of its users whose
+        token membership deny-listed with it (removed from the firm, deactivated).
+        """
+        if "user_id" in scope or "firm_id" in scope:
+            await self._close_revoked(
+                [
+                    c
+                    for c in self.connections
+                    if scope.get("user_id", c.caller.user_id) == c.caller.user_id
+                    and scope.get("firm_id", c.caller.firm_id) == c.caller.firm_id
+                ]
+            )
         matches: Callable[[Subscription], bool] = lambda sub: all(  # noqa: E731
             value
             == {
@@ -326,6 +375,16 @@ class Hub:
             except Exception as exc:
                 log.warning("fan-out sweep: %r", exc)
 
+    async def _close_revoked(self, conns: list[Connection]) -> None:
+        """Close (4002) the sockets whose token is on the deny-list."""
+        live = [c for c in conns if not c.closed]
+        for start in range(0, len(live), 64):
+            chunk = live[start : start + 64]
+            denied = await asyncio.gather(*(self.denylist.contains(c.principal.jti) for c in chunk))
+            for conn, revoked in zip(chunk, denied, strict=True):
+                if revoked:
+                    conn.fail(CLOSE_TOKEN_REVOKED, "token revoked")
+
     async def sweep_once(self) -> None:
         """Catch subscriptions up with their channels; end sockets whose token ran out."""
         now = time.time()
@@ -347,3 +406,7 @@ class Hub:
                 for sub in list(self.by_channel.get(channel_id, ())):
                     if last_seq > sub.last:
                         sub.behind(int(last_seq))
+        try:
+            await self._close_revoked(list(self.connections))
+        except Exception as exc:  # Redis away: the next sweep checks again
+            log.warning("deny-list check: %r", exc)

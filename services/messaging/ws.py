@@ -4,7 +4,13 @@ The token never travels in the URL: the client's first frame is ``auth``; it may
 ``auth`` again with a fresh token at any time, and a socket whose token runs out
 without one is closed with 4001. Frames are handled one at a time per socket, so a
 client's sends are answered in the order it sent them. Everything the server pushes
-goes through the connection's bounded queue (see ``fanout``).
+goes through the connection's bounded queue (see ``fanout``) and is written by the
+socket's own writer task: a frame that cannot be written within
+``messaging_send_timeout`` (the client stopped reading) ends the socket with 4008.
+
+A close frame queues behind whatever the socket still has to write, so closing a slow
+consumer waits up to ``CLOSE_WAIT`` seconds for the client to read that far; after
+that the server stops waiting and lets the connection go.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from services.kit.settings import Settings
 from services.messaging import service
 from services.messaging.fanout import (
     CLOSE_FORBIDDEN,
+    CLOSE_SLOW_CONSUMER,
     CLOSE_UNAUTHENTICATED,
     Connection,
     Hub,
@@ -45,6 +52,7 @@ from services.messaging.schemas import MessageCreate, MessageUpdate
 log = logging.getLogger("onecluster.messaging.ws")
 router = APIRouter()
 PROTOCOL_VERSION = 1
+CLOSE_WAIT = 30.0
 ERROR_CODES: list[tuple[type[Problem], str]] = [
     (service.NotAMember, "not_a_member"),
     (service.MessageTooLarge, "message_too_large"),
@@ -168,14 +176,20 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
     if websocket.application_state == WebSocketState.DISCONNECTED:
         return
     with contextlib.suppress(Exception):
-        await websocket.close(code, reason)
+        await asyncio.wait_for(websocket.close(code, reason), CLOSE_WAIT)
 
 
 async def _write(websocket: WebSocket, conn: Connection) -> None:
+    timeout = conn.hub.settings.messaging_send_timeout
     try:
         while True:
             payload = await conn.queue.get()
-            await websocket.send_text(json.dumps(payload, separators=(",", ":")))
+            text = json.dumps(payload, separators=(",", ":"))
+            try:
+                await asyncio.wait_for(websocket.send_text(text), timeout)
+            except TimeoutError:
+                conn.fail(CLOSE_SLOW_CONSUMER, "slow consumer")
+                return
     except (WebSocketDisconnect, RuntimeError, OSError):
         conn.fail(1000, "")
 
