@@ -332,3 +332,25 @@ async def test_a_retried_claim_hands_out_the_same_leases_once(
     assert again.json() == first.json() and len(first.json()["assignments"]) == 3
     rows = await _rows(gateway, "SELECT count(*) FROM assignments WHERE task_id = :t", t=tid)
     assert rows[0][0] == 3
+
+
+async def test_the_first_claim_of_a_task_is_announced_once(
+    client: httpx.AsyncClient, gateway
+) -> None:
+    """Metrics measures the time from publication to the first claim: one
+    ``task.first_claimed`` per task, even when several annotators claim at once."""
+    import json
+
+    market = await build_market(client, gateway, tag="first", annotators_per_vendor=2)
+    task = await open_task(client, market, items=20)
+    claimers = [t for tokens in market.annotators.values() for t in tokens]
+    answers = await asyncio.gather(*(claim(client, t, task["id"], 2) for t in claimers))
+    assert all(a.status_code == 200 and a.json()["assignments"] for a in answers)
+    again = await claim(client, claimers[0], task["id"], 1)
+    assert again.status_code == 200
+    found = await _rows(gateway, "SELECT data FROM outbox WHERE type = 'task.first_claimed'")
+    assert len(found) == 1
+    (data,) = found[0]
+    event = json.loads(data) if isinstance(data, str) else data
+    assert event["task_id"] == task["id"]
+    assert event["claimer_firm_id"] in market.vendors.values()

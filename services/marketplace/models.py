@@ -93,6 +93,7 @@ class Task(MarketplaceBase, table=True):
     created_at: datetime = _created()
     updated_at: datetime = _created()
     published_at: datetime | None = _ts(default=None)
+    first_claimed_at: datetime | None = _ts(default=None)
     closed_at: datetime | None = _ts(default=None)
     escrow_outstanding: int = Field(default=0, sa_type=sa.BigInteger)
     """Credits of this task still held in the requester's escrow (see ``ledger.py``)."""

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
-from api.events import AssignmentSubmittedV1, TaskPublishedV1
+from api.events import AssignmentSubmittedV1, TaskFirstClaimedV1, TaskPublishedV1
 from services.kit.auth import Principal
 from services.kit.db import utcnow
 from services.kit.errors import (
@@ -497,8 +497,40 @@ async def claim_assignments(
             gold_count = min(gold_count, wanted_gold)
         claimed += await _allocate(session, task, principal, gold=True, count=gold_count, now=now)
     random.shuffle(claimed)  # the position in the answer must not tell gold apart
+    if claimed and task.first_claimed_at is None:
+        await _mark_first_claim(session, task, principal, now)
     await session.flush()
     return claimed
+
+
+async def _mark_first_claim(
+    session: AsyncSession, task: Task, principal: Principal, now: datetime
+) -> None:
+    """Record the task's first claim once and tell metrics (time to first claim).
+
+    A conditional ``UPDATE … WHERE first_claimed_at IS NULL``: of concurrent first
+    claimers exactly one changes the row and emits the event. Later claims see the
+    column set and never touch the task row.
+    """
+    changed = await session.execute(
+        sa.update(Task)
+        .where(col(Task.id) == task.id, col(Task.first_claimed_at).is_(None))
+        .values(first_claimed_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if changed.rowcount != 1:  # type: ignore[attr-defined]
+        return
+    emit(
+        session,
+        MarketplaceOutbox,
+        TaskFirstClaimedV1(
+            task_id=task.id,
+            cluster_id=task.cluster_id,
+            requester_firm_id=task.requester_firm_id,
+            claimer_firm_id=principal.firm_id or "",
+            claimed_at=now,
+        ),
+    )
 
 
 def _live_or_finished(now: datetime) -> Any:
