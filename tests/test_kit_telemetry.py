@@ -150,3 +150,26 @@ async def test_metrics_label_requests_by_route_template(client: httpx.AsyncClien
     assert "unique-raw-value-9f3e" not in text
     assert "no-such-route-7c1d" not in text
     assert 'route="/items/42"' not in text
+
+
+async def test_domain_counters_count_only_what_commits(tmp_path) -> None:
+    from prometheus_client import Counter
+
+    from services.kit.db import Database
+    from services.kit.telemetry import count_on_commit
+
+    counter = Counter("kit_test_commits_total", "test counter", ["outcome"])
+    db = Database(f"sqlite:///{tmp_path / 'c.sqlite3'}", schema="kit")
+    try:
+        async with db.session_scope() as session:
+            count_on_commit(session, counter.labels("kept"), 3)
+        try:
+            async with db.session_scope() as session:
+                count_on_commit(session, counter.labels("lost"), 5)
+                raise RuntimeError("roll back")
+        except RuntimeError:
+            pass
+    finally:
+        await db.engine.dispose()
+    assert counter.labels("kept")._value.get() == 3
+    assert counter.labels("lost")._value.get() == 0

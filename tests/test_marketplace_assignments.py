@@ -354,3 +354,27 @@ async def test_the_first_claim_of_a_task_is_announced_once(
     event = json.loads(data) if isinstance(data, str) else data
     assert event["task_id"] == task["id"]
     assert event["claimer_firm_id"] in market.vendors.values()
+
+
+async def test_claims_and_answers_are_counted_for_operators(
+    client: httpx.AsyncClient, gateway
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def value(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"gold": "false"}) or 0.0
+
+    market = await build_market(client, gateway, tag="counted")
+    task = await open_task(client, market, items=5)
+    tokens = market.annotators["sx"][0]
+    claimed_before = value("marketplace_assignments_claimed_total")
+    submitted_before = value("marketplace_assignments_submitted_total")
+    leases = (await claim(client, tokens, task["id"], 3)).json()["assignments"]
+    answered = await submit(
+        client, tokens, task["id"], [(a["assignment_id"], GOOD) for a in leases]
+    )
+    assert answered.status_code == 200, answered.text
+    refused = await submit(client, tokens, task["id"], [(leases[0]["assignment_id"], GOOD)])
+    assert refused.status_code == 409  # a double submission counts nothing
+    assert value("marketplace_assignments_claimed_total") - claimed_before == 3
+    assert value("marketplace_assignments_submitted_total") - submitted_before == 3

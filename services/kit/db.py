@@ -29,6 +29,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.kit.telemetry import apply_pending_counts
+
 log = logging.getLogger("onecluster.db")
 READ_ONLY = "onecluster_read_only"  # execution option marking a read-only session
 
@@ -73,7 +75,7 @@ class Database:
         self._sync_engine: Engine | None = None
         self._sync_sessionmaker: sessionmaker[Session] | None = None
         self._sync_read_sessionmaker: sessionmaker[Session] | None = None
-        self.after_commit: list[Callable[[AsyncSession], None]] = []
+        self.after_commit: list[Callable[[AsyncSession], None]] = [apply_pending_counts]
 
     # -- engines ---------------------------------------------------------------------
     def _async_engine(self) -> AsyncEngine:

@@ -56,6 +56,24 @@ CONSUMER_PENDING = Gauge(
     ["group", "source"],
 )
 
+
+def count_on_commit(session: Any, counter: Any, amount: float = 1) -> None:
+    """Add ``amount`` to ``counter`` (a labelled child) once ``session`` commits.
+
+    Domain counters count what happened, not what was attempted: a transaction that
+    rolls back counts nothing. ``Database`` applies the pending counts after a commit.
+    """
+    if amount:
+        session.info.setdefault(PENDING_COUNTS, []).append((counter, amount))
+
+
+def apply_pending_counts(session: Any) -> None:
+    for counter, amount in session.info.pop(PENDING_COUNTS, ()):
+        counter.inc(amount)
+
+
+PENDING_COUNTS = "telemetry_pending_counts"
+
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 

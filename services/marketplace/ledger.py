@@ -42,6 +42,8 @@ from services.kit.db import utcnow
 from services.kit.errors import Conflict, Forbidden, NotFound, Problem, Unprocessable
 from services.kit.ids import new_id
 from services.kit.outbox import emit
+from services.kit.telemetry import count_on_commit
+from services.marketplace.counters import LEDGER_CREDITS, LEDGER_POSTINGS
 from services.marketplace.models import (
     Assignment,
     Item,
@@ -173,6 +175,8 @@ async def post(
         created_at=now,
     )
     session.add(posting)
+    count_on_commit(session, LEDGER_POSTINGS.labels(kind))
+    count_on_commit(session, LEDGER_CREDITS.labels(kind), sum(a for _, a in lines if a > 0))
     await session.flush()  # the lines refer to it
     rows = []
     for key, amount in lines:

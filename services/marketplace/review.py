@@ -45,7 +45,9 @@ from services.kit.auth import Principal
 from services.kit.db import Database, utcnow
 from services.kit.errors import Conflict, InvalidState, NotFound
 from services.kit.outbox import emit
+from services.kit.telemetry import count_on_commit
 from services.marketplace import ledger, service
+from services.marketplace.counters import SUBMISSIONS_REVIEWED
 from services.marketplace.models import (
     Assignment,
     Item,
@@ -159,6 +161,7 @@ async def reject(
     await _mark(
         session, targets, status="rejected", reviewer=principal.subject, now=now, reason=reason
     )
+    count_on_commit(session, SUBMISSIONS_REVIEWED.labels("rejected", "false"), len(targets))
     for item_id, count in per_item.items():
         item = items[item_id]
         item.submitted = max(0, item.submitted - count)
@@ -273,6 +276,8 @@ async def _accept(
     if not everyone:
         return ReviewOutcome()
     await _mark(session, everyone, status="accepted", reviewer=reviewer, now=now)
+    reviewed = SUBMISSIONS_REVIEWED.labels("accepted", "true" if automatic else "false")
+    count_on_commit(session, reviewed, len(everyone))
     payouts = await ledger.pay_out(
         session,
         batches,

@@ -39,7 +39,9 @@ from services.kit.errors import (
 )
 from services.kit.ids import new_id
 from services.kit.outbox import emit
+from services.kit.telemetry import count_on_commit
 from services.marketplace import kinds, ledger, reputation
+from services.marketplace.counters import ASSIGNMENTS_CLAIMED, ASSIGNMENTS_SUBMITTED
 from services.marketplace.models import (
     Assignment,
     Contract,
@@ -497,6 +499,9 @@ async def claim_assignments(
             gold_count = min(gold_count, wanted_gold)
         claimed += await _allocate(session, task, principal, gold=True, count=gold_count, now=now)
     random.shuffle(claimed)  # the position in the answer must not tell gold apart
+    gold_leased = sum(1 for a, _ in claimed if a.gold)
+    count_on_commit(session, ASSIGNMENTS_CLAIMED.labels("true"), gold_leased)
+    count_on_commit(session, ASSIGNMENTS_CLAIMED.labels("false"), len(claimed) - gold_leased)
     if claimed and task.first_claimed_at is None:
         await _mark_first_claim(session, task, principal, now)
     await session.flush()
@@ -857,6 +862,9 @@ async def submit_answers(
             ),
         )
         out.append(assignment)
+    gold_answered = sum(1 for a in out if a.gold)
+    count_on_commit(session, ASSIGNMENTS_SUBMITTED.labels("true"), gold_answered)
+    count_on_commit(session, ASSIGNMENTS_SUBMITTED.labels("false"), len(out) - gold_answered)
     await session.flush()
     return out
 
