@@ -235,6 +235,18 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/v1/clusters/{cluster_id}/history"): Case(
         lower=("a2", 403), note="access is settled before the body is read (bodies: metrics tests)"
     ),
+    ("GET", "/v1/clusters/{cluster_id}/indicators/history"): Case(lower=("a2", 403)),
+    ("GET", "/v1/clusters/{cluster_id}/charts/radar.svg"): Case(lower=("a2", 403)),
+    ("GET", "/v1/clusters/{cluster_id}/charts/network.svg"): Case(lower=("a2", 403)),
+    ("GET", "/v1/clusters/{cluster_id}/metrics-visibility"): Case(
+        note="the operator and every member firm read the setting"
+    ),
+    ("PUT", "/v1/clusters/{cluster_id}/metrics-visibility"): Case(
+        body={"members": True}, lower=("a2", 403)
+    ),
+    ("GET", "/v1/clusters/compare"): Case(
+        foreign=None, note="ids in the query; foreign and unknown ids: test_metrics_views"
+    ),
 }
 
 
@@ -462,10 +474,12 @@ async def snapshot(gateway: Any) -> dict[str, set[tuple[Any, ...]]]:
         out["messaging.outbox_count"] = {
             ((await session.execute(sa.text("SELECT count(*) FROM outbox"))).scalar(),)
         }
-    # Metrics: only the history import writes on a request (its aggregates follow it).
+    # Metrics: the history import (its aggregates follow it) and the settings write.
     async with gateway.apps["metrics"].state.db.sessionmaker() as session:
         rows = (await session.execute(sa.text("SELECT * FROM imported_records"))).all()
         out["metrics.imported_records"] = {tuple(str(v) for v in row) for row in rows}
+        rows = (await session.execute(sa.text("SELECT * FROM cluster_settings"))).all()
+        out["metrics.cluster_settings"] = {tuple(str(v) for v in row) for row in rows}
     return out
 
 

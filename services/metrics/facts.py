@@ -1,7 +1,8 @@
 """The facts of one cluster in one window, read from the fact store in a few queries.
 
 A window is ``window_days`` calendar days (UTC) ending with the day of ``as_of``. The
-members are the firms that belong to the cluster at ``as_of``; collaboration, tasks and
+members are the firms that belong to the cluster at ``as_of`` (or, having joined later,
+appear in its imported history by then); collaboration, tasks and
 conversations count only between members. The previous window (for industry renewal)
 and the same window a year earlier are read as plain tie lists.
 """
@@ -23,6 +24,7 @@ from services.metrics.models import (
     CollabDaily,
     Firm,
     FirmActivity,
+    ImportedRecord,
     Membership,
     MentionDaily,
     TaskFact,
@@ -102,16 +104,7 @@ async def load_facts(
     """Every fact the indicators, the network and the classifier of one window need."""
     end = as_of.date()
     start = end - timedelta(days=window_days - 1)
-    member_rows = await session.execute(
-        select(Firm)
-        .join(Membership, col(Membership.firm_id) == col(Firm.id))
-        .where(
-            col(Membership.cluster_id) == cluster_id,
-            col(Membership.joined_at) <= as_of,
-            sa.or_(col(Membership.left_at).is_(None), col(Membership.left_at) > as_of),
-        )
-    )
-    members = {f.id: _firm_fact(f) for f in member_rows.scalars()}
+    members = await _members(session, cluster_id, as_of)
     facts = ClusterFacts(cluster_id, as_of, window_days, members)
     facts.ties = [
         t
@@ -161,6 +154,45 @@ async def load_facts(
     known = [d if isinstance(d, date) else date.fromisoformat(str(d)) for d in firsts if d]
     facts.first_day = min(known) if known else None
     return facts
+
+
+async def _members(session: AsyncSession, cluster_id: str, as_of: datetime) -> dict[str, FirmFact]:
+    """Firms in the cluster at ``as_of``: joined by then and not yet left.
+
+    A firm that joined on the platform later but whose imported history shows it
+    collaborating in the cluster on or before the day of ``as_of`` counts from its first
+    imported record: the import brings the cluster's past, members included.
+    """
+    rows = (
+        await session.execute(
+            select(Firm, col(Membership.joined_at))
+            .join(Membership, col(Membership.firm_id) == col(Firm.id))
+            .where(
+                col(Membership.cluster_id) == cluster_id,
+                sa.or_(col(Membership.left_at).is_(None), col(Membership.left_at) > as_of),
+            )
+        )
+    ).all()
+    later = {firm.id for firm, joined_at in rows if joined_at > as_of}
+    backdated: set[str] = set()
+    if later:
+        r = _table(ImportedRecord).c
+        day = as_of.date()
+        for column in (r.firm_a, r.firm_b):
+            backdated |= set(
+                (
+                    await session.execute(
+                        sa.select(column)
+                        .where(r.cluster_id == cluster_id, r.day <= day, column.in_(later))
+                        .distinct()
+                    )
+                ).scalars()
+            )
+    return {
+        firm.id: _firm_fact(firm)
+        for firm, joined_at in rows
+        if joined_at <= as_of or firm.id in backdated
+    }
 
 
 def _table(model: Any) -> sa.Table:

@@ -204,6 +204,19 @@ class Classification(MetricsBase, table=True):
     detail: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
 
 
+class ClusterSettings(MetricsBase, table=True):
+    """The operator's metrics settings of a cluster: what member firms may read.
+
+    No row means the defaults (nothing published to members).
+    """
+
+    __tablename__ = "cluster_settings"
+    cluster_id: str = Field(primary_key=True, max_length=40)
+    members_visible: bool = False
+    updated_at: datetime = _ts()
+    updated_by: str = Field(max_length=64)
+
+
 # -- kit tables ----------------------------------------------------------------------
 class MetricsOutbox(OutboxFields, MetricsBase, table=True):
     __tablename__ = "outbox"

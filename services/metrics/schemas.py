@@ -185,3 +185,78 @@ class DiagnosticsOut(BaseModel):
     window: Window
     config_version: str
     problems: list[ProblemOut]
+
+
+class VisibilityIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    members: bool = Field(
+        description="member firms may read the indicators, network, classification, "
+        "diagnostics, history and charts"
+    )
+
+
+class VisibilityOut(BaseModel):
+    cluster_id: str
+    members: bool
+    updated_at: datetime | None = Field(description="null while the default applies")
+    updated_by: str | None
+
+
+class SeriesWindow(BaseModel):
+    start: date
+    end: date
+
+
+class SeriesEvidence(BaseModel):
+    members: int
+    active_members: int
+    ties: int
+    days_of_data: int
+    collaboration_weight: float
+
+
+class SeriesPoint(BaseModel):
+    as_of: datetime
+    window: SeriesWindow
+    evidence: SeriesEvidence
+    features: dict[str, float | None]
+    indicators: dict[str, float | None]
+
+
+class SeriesOut(BaseModel):
+    cluster_id: str
+    from_: date = Field(alias="from", serialization_alias="from")
+    to: date
+    step_days: int
+    window_days: int
+    config_version: str
+    features: list[str]
+    indicators: list[str]
+    points: list[SeriesPoint] = Field(description="oldest first; the last point is `to`")
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ComparedCluster(BaseModel):
+    id: str
+    name: str
+    members: int
+    label: str = Field(description="by the decision list, without the bootstrap")
+    form: str | None
+    features: dict[str, float | None]
+    industry_shares: dict[str, float]
+
+
+class Similarity(BaseModel):
+    cosine: list[list[float | None]] = Field(description="1 = the same industry structure")
+    krugman: list[list[float | None]] = Field(description="0 = the same, 2 = disjoint")
+
+
+class ComparisonOut(BaseModel):
+    ids: list[str]
+    as_of: datetime
+    window_days: int
+    config_version: str
+    clusters: list[ComparedCluster]
+    similarity: Similarity

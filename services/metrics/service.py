@@ -24,12 +24,14 @@ from api.events import ClusterClassificationChangedV1
 from services.kit.db import Database, utcnow
 from services.kit.ids import new_id
 from services.kit.outbox import emit
+from services.metrics import charts
 from services.metrics.classifier import classify
+from services.metrics.compare import comparison
 from services.metrics.config import MetricsConfig, load_config
 from services.metrics.diagnostics import DiagnosticInputs, diagnose, load_inputs
 from services.metrics.facts import ClusterFacts, load_facts
 from services.metrics.indicators import FEATURES, compute_indicators
-from services.metrics.models import Classification, Cluster, MetricsOutbox
+from services.metrics.models import Classification, Cluster, ClusterSettings, MetricsOutbox
 from services.metrics.network import build_graph, graph_payload, network_statistics
 
 log = logging.getLogger("onecluster.metrics")
@@ -169,6 +171,70 @@ async def history(session: AsyncSession, cluster_id: str) -> list[dict[str, Any]
         }
         for r in rows.scalars()
     ]
+
+
+async def radar_chart(
+    session: AsyncSession, cluster: Cluster, as_of: datetime | None, window_days: int | None
+) -> str:
+    config = load_config()
+    facts = await load_facts(session, cluster.id, *window_of(config, as_of, window_days))
+
+    def draw() -> str:
+        report = compute_indicators(facts, config)
+        title = f"{cluster.name}: six features, {facts.start_day} to {facts.end_day}"
+        return charts.radar_svg(report.features, title)
+
+    return await asyncio.to_thread(draw)
+
+
+async def network_chart(
+    session: AsyncSession, cluster: Cluster, as_of: datetime | None, window_days: int | None
+) -> str:
+    config = load_config()
+    facts = await load_facts(session, cluster.id, *window_of(config, as_of, window_days))
+
+    def draw() -> str:
+        title = f"{cluster.name}: collaboration, {facts.start_day} to {facts.end_day}"
+        return charts.network_svg(build_graph(facts, config), config, title)
+
+    return await asyncio.to_thread(draw)
+
+
+async def compare_clusters(
+    session: AsyncSession,
+    clusters: list[Cluster],
+    as_of: datetime | None,
+    window_days: int | None,
+) -> dict[str, Any]:
+    config = load_config()
+    at, days = window_of(config, as_of, window_days)
+    entries = [(c.id, c.name, await load_facts(session, c.id, at, days)) for c in clusters]
+    payload = await asyncio.to_thread(comparison, entries, config)
+    return {**payload, "as_of": at, "window_days": days}
+
+
+async def visibility(session: AsyncSession, cluster_id: str) -> dict[str, Any]:
+    row = await session.get(ClusterSettings, cluster_id)
+    return {
+        "cluster_id": cluster_id,
+        "members": bool(row and row.members_visible),
+        "updated_at": row.updated_at if row else None,
+        "updated_by": row.updated_by if row else None,
+    }
+
+
+async def set_visibility(
+    session: AsyncSession, cluster_id: str, *, members: bool, by: str
+) -> dict[str, Any]:
+    """Publish the cluster's metrics to its member firms, or stop publishing them."""
+    row = await session.get(ClusterSettings, cluster_id, with_for_update=True)
+    if row is None:
+        row = ClusterSettings(cluster_id=cluster_id, updated_by=by, updated_at=utcnow())
+        session.add(row)
+    row.members_visible = members
+    row.updated_at, row.updated_by = utcnow(), by
+    await session.flush()
+    return await visibility(session, cluster_id)
 
 
 # -- recording -----------------------------------------------------------------------
