@@ -267,7 +267,7 @@ class TaskCompletedV1(EventPayload):
 
 
 # -- messaging -----------------------------------------------------------------------
-ChannelKind = Literal["general", "public", "private", "direct"]
+ChannelKind = Literal["general", "public", "private", "direct", "thread"]
 
 
 @register

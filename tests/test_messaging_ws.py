@@ -234,3 +234,57 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_slows_nobody(
             # the healthy one is still served
             await healthy.send_frame({"type": "ping", "id": "after"})
             assert (await healthy.recv_until("pong"))["ref"] == "after"
+
+
+async def test_access_loss_ends_subscriptions_at_once_and_revoked_tokens_close_the_socket(
+    tmp_path: Path, database_url: str | None, redis_prefix: str
+) -> None:
+    with replica(tmp_path, "a", database_url, redis_prefix) as (base, _):
+        http, w, general = await served_world(base, "loss")
+        async with (
+            contextlib.aclosing(http),
+            MessagingClient(base, token(w, "nm")) as nm,
+            MessagingClient(base, token(w, "sx2")) as sx2,
+            MessagingClient(base, token(w, "op")) as op,
+        ):
+            topic = await http.post(
+                "/v1/channels",
+                json={"cluster_id": w.cluster_id, "kind": "public", "name": "topic"},
+                headers=w.h("op"),
+            )
+            assert topic.status_code == 201
+            topic_id = topic.json()["id"]
+            for client in (nm, sx2, op):
+                for channel in (general, topic_id):
+                    assert (await client.subscribe(channel))["type"] == "subscribed"
+
+            # the firm nm leaves the cluster: its user's subscriptions end, the socket stays
+            left = await http.delete(
+                f"/v1/clusters/{w.cluster_id}/members/{w.firms['nm']}", headers=w.h("nm")
+            )
+            assert left.status_code == 204, left.text
+            ended = {(await nm.recv_until("unsubscribed", wait=30))["channel_id"] for _ in "ab"}
+            assert ended == {general, topic_id}
+            await nm.send_frame({"type": "ping", "id": "still"})
+            assert (await nm.recv_until("pong"))["ref"] == "still"
+            again = await nm.subscribe(general)
+            assert (again["type"], again["code"]) == ("error", "not_found")
+
+            # sx2 is removed from its firm: membership deny-lists its token → 4002
+            removed = await http.delete(
+                f"/v1/firms/{w.firms['sx']}/members/{w.ids['sx2']}", headers=w.h("sx")
+            )
+            assert removed.status_code == 204, removed.text
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await sx2.recv(wait=30)
+            assert sx2.ws is not None
+            assert (sx2.ws.close_code, sx2.ws.close_reason) == (4002, "token revoked")
+
+            # nobody else noticed anything: op still gets the next message
+            r = await http.post(
+                f"/v1/channels/{general}/messages", json={"text": "still here"}, headers=w.h("op")
+            )
+            assert r.status_code == 201
+            event = await op.recv_until("event", wait=30)
+            assert (event["seq"], event["message"]["text"]) == (1, "still here")

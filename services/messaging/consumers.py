@@ -8,6 +8,11 @@ redelivery and out-of-order delivery converge (as in the marketplace).
 access away (a firm left the cluster, a user left a firm or was deactivated) is
 announced after commit to every replica's fan-out (``access_changed``), which closes
 the subscriptions it ends at once instead of at the next message.
+
+System messages come from the marketplace's events (consumer ``messaging-system``):
+``task.published`` posts in the cluster's general channel; ``contract.awarded`` opens
+the task's thread on first need (the requester firm in it) and adds the vendor firm,
+then posts there. Thread membership is by firm: every active user of those firms.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from api.events import (
     ClusterCreatedV1,
     ClusterMemberJoinedV1,
     ClusterMemberLeftV1,
+    ContractAwardedV1,
     Envelope,
     FirmMemberAddedV1,
     FirmMemberRemovedV1,
     FirmMemberRoleChangedV1,
+    TaskPublishedV1,
     UserDeactivatedV1,
 )
 from services.kit.db import Database
@@ -50,6 +57,8 @@ TYPES = (
     "firm.member_removed",
     "user.deactivated",
 )
+SYSTEM_CONSUMER = "messaging-system"
+SYSTEM_TYPES = ("task.published", "contract.awarded")
 
 
 async def on_startup(app: FastAPI) -> None:
@@ -58,7 +67,42 @@ async def on_startup(app: FastAPI) -> None:
     async def handle(envelope: Envelope) -> None:
         await consume_once(db, MessagingProcessedEvent, CONSUMER, envelope, apply_event)
 
-    app.state.runtime.bus.subscribe(CONSUMER, handle, sources=["membership"], types=TYPES)
+    async def handle_market(envelope: Envelope) -> None:
+        await consume_once(db, MessagingProcessedEvent, SYSTEM_CONSUMER, envelope, apply_system)
+
+    bus = app.state.runtime.bus
+    bus.subscribe(CONSUMER, handle, sources=["membership"], types=TYPES)
+    bus.subscribe(SYSTEM_CONSUMER, handle_market, sources=["marketplace"], types=SYSTEM_TYPES)
+
+
+async def apply_system(session: AsyncSession, envelope: Envelope) -> None:
+    """Post the system message of one marketplace event (once: ``event:<id>``)."""
+    try:
+        payload = envelope.payload()
+    except KeyError:
+        log.warning("ignoring unknown event %s v%s", envelope.type, envelope.version)
+        return
+    key = f"event:{envelope.id}"
+    if isinstance(payload, TaskPublishedV1):
+        general = await service.ensure_general_channel(session, payload.cluster_id)
+        text = (
+            f"Task `{payload.task_id}` was published by firm `{payload.requester_firm_id}` "
+            f"({payload.requester_region}): {payload.kind}, {payload.item_count} items, "
+            f"{payload.overlap} answers each, {payload.reward_per_annotation} per annotation "
+            f"({payload.allocation} allocation)."
+        )
+        await service.post_system_message(session, general.id, text, key=key)
+    elif isinstance(payload, ContractAwardedV1):
+        thread = await service.ensure_task_thread(
+            session, payload.cluster_id, payload.task_id, payload.requester_firm_id
+        )
+        await service.add_thread_firm(session, thread, payload.vendor_firm_id, "vendor")
+        text = (
+            f"Contract `{payload.contract_id}` awarded to firm `{payload.vendor_firm_id}` "
+            f"({payload.vendor_region}): quota {payload.quota} at "
+            f"{payload.price_per_annotation} per annotation."
+        )
+        await service.post_system_message(session, thread.id, text, key=key)
 
 
 async def apply_event(session: AsyncSession, envelope: Envelope) -> None:

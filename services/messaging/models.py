@@ -70,12 +70,13 @@ class Channel(MessagingBase, table=True):
     __table_args__ = (sa.UniqueConstraint("cluster_id", "direct_key"),)
     id: str = Field(primary_key=True, max_length=40)
     cluster_id: str = Field(max_length=40, index=True)
-    kind: str = Field(max_length=16)  # general | public | private | direct
+    kind: str = Field(max_length=16)  # general | public | private | direct | thread
     name: str = Field(max_length=80)
     topic: str = Field(default="", max_length=250)
     created_by: str | None = Field(default=None, max_length=40)
     direct_key: str | None = Field(default=None, max_length=64)
-    """Digest of a conversation's sorted user ids: one conversation per set of people."""
+    """Digest of a conversation's sorted user ids (one conversation per set of people),
+    ``general``, or ``task:<task id>`` for a task's thread."""
     last_seq: int = 0
     """The channel's last event seq (post, edit or delete), gap-free."""
     created_at: datetime = _created()
@@ -93,6 +94,20 @@ class ChannelMember(MessagingBase, table=True):
     firm_id: str = Field(max_length=40, index=True)
     role: str = Field(default="member", max_length=16)  # admin | member
     joined_at: datetime = _created()
+
+
+class ChannelFirm(MessagingBase, table=True):
+    """A firm whose users are in a task's thread (the requester, each contracted vendor).
+
+    Threads have firm-level membership: every active user of the firm reads and posts
+    there while the firm is an active member of the cluster.
+    """
+
+    __tablename__ = "channel_firms"
+    channel_id: str = Field(primary_key=True, foreign_key="channels.id", max_length=40)
+    firm_id: str = Field(primary_key=True, max_length=40, index=True)
+    role: str = Field(max_length=16)  # requester | vendor
+    added_at: datetime = _created()
 
 
 class ReadMarker(MessagingBase, table=True):

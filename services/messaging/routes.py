@@ -6,10 +6,11 @@ Actions are ``POST …/{id}:verb`` (``:join``, ``:leave``). The WebSocket endpoi
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
+from api.events import ChannelKind
 from services.kit.errors import responses
 from services.kit.pagination import Page, PageParams, encode_cursor
 from services.kit.ratelimit import enforce
@@ -86,7 +87,7 @@ async def list_channels(
     principal: MessagingReader,
     page: PageParams,
     cluster_id: Annotated[str | None, Query(max_length=64)] = None,
-    kind: Literal["general", "public", "private", "direct"] | None = None,
+    kind: ChannelKind | None = None,
 ) -> Page[ChannelOut]:
     rows = await service.list_channels(
         session, principal, cluster_id=cluster_id, kind=kind, limit=page.limit, after=page.after

@@ -146,6 +146,9 @@ class MessageOut(BaseModel):
     edited_at: datetime | None = None
     deleted: bool = False
     deleted_at: datetime | None = None
+    system: bool = Field(
+        False, description="posted by the platform from an event (sender_id `system`)"
+    )
 
 
 class MessagePage(BaseModel):

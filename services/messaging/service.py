@@ -35,6 +35,7 @@ from services.kit.outbox import emit
 from services.messaging.models import (
     Channel,
     ChannelEvent,
+    ChannelFirm,
     ChannelMember,
     KnownCluster,
     KnownClusterMember,
@@ -49,6 +50,9 @@ from services.messaging.schemas import Attachment, ChannelOut, MentionsOut, Mess
 
 FIRM_ADMINS = frozenset({"owner", "admin"})
 OPEN_KINDS = ("general", "public")  # readable by every user of every member firm
+FIXED_KINDS = ("general", "direct", "thread")  # nobody joins, leaves or invites
+SYSTEM = "system"
+"""The sender id (and sender firm id) of messages the platform posts from events."""
 ACCESS_KEY = "messaging_access"
 EVENTS_KEY = "messaging_events"
 
@@ -128,6 +132,12 @@ async def channel_access(
     channel = await session.get(Channel, channel_id)
     if channel is None or not await in_cluster(session, caller, channel.cluster_id):
         raise NotFound("No channel with this id.")
+    if channel.kind == "thread":
+        firm = await session.get(ChannelFirm, (channel_id, caller.firm_id))
+        if firm is None:
+            raise NotFound("No channel with this id.")
+        admin = firm.role == "requester" and await _firm_admin(session, caller)
+        return ChannelAccess(channel, caller, None, may_post=True, admin=admin)
     member = await session.get(ChannelMember, (channel_id, caller.user_id))
     if member is not None and member.firm_id != caller.firm_id:
         member = None  # the user joined acting for another of their firms
@@ -143,6 +153,11 @@ async def channel_access(
         may_post=channel.kind == "general" or member is not None,
         admin=admin,
     )
+
+
+async def _firm_admin(session: AsyncSession, caller: Caller) -> bool:
+    member = await session.get(KnownFirmMember, (caller.firm_id, caller.user_id))
+    return member is not None and member.active and member.role in FIRM_ADMINS
 
 
 async def _cluster_admin(session: AsyncSession, caller: Caller, cluster_id: str) -> bool:
@@ -317,6 +332,8 @@ async def join_channel(
     access = await channel_access(session, principal, channel_id)
     if access.may_post:
         return access
+    if access.channel.kind != "public":
+        raise InvalidState("Only public channels are joined.", state=access.channel.kind)
     member = ChannelMember(
         channel_id=channel_id, user_id=access.caller.user_id, firm_id=access.caller.firm_id
     )
@@ -335,9 +352,10 @@ async def leave_channel(
 ) -> ChannelAccess:
     """Leave a public or private channel (not the general one, not a conversation)."""
     access = await channel_access(session, principal, channel_id)
-    if access.channel.kind in ("general", "direct"):
+    if access.channel.kind in FIXED_KINDS:
         raise InvalidState(
-            "The general channel and conversations cannot be left.", state=access.channel.kind
+            "The general channel, conversations and task threads cannot be left.",
+            state=access.channel.kind,
         )
     if access.member is not None:
         await session.delete(access.member)
@@ -352,9 +370,10 @@ async def add_member(
 ) -> ChannelMember:
     """Invite a user of a member firm into a public or private channel (members only)."""
     access = await channel_access(session, principal, channel_id)
-    if access.channel.kind in ("general", "direct"):
+    if access.channel.kind in FIXED_KINDS:
         raise InvalidState(
-            "Everyone is in the general channel; a conversation's people are fixed.",
+            "Everyone is in the general channel; a conversation's people and a task "
+            "thread's firms are fixed.",
             state=access.channel.kind,
         )
     if access.member is None:
@@ -376,7 +395,7 @@ async def list_members(
 ) -> list[tuple[str, str, str, Any]]:
     """(user, firm, role, joined_at) of a channel, by user id; ``limit + 1`` rows."""
     access = await channel_access(session, principal, channel_id)
-    if access.channel.kind == "general":
+    if access.channel.kind in ("general", "thread"):
         query: Any = (
             sa.select(
                 col(KnownFirmMember.user_id),
@@ -395,6 +414,14 @@ async def list_members(
             .where(col(KnownFirmMember.active))
             .order_by(col(KnownFirmMember.user_id), col(KnownFirmMember.firm_id))
         )
+        if access.channel.kind == "thread":
+            query = query.where(
+                col(KnownFirmMember.firm_id).in_(
+                    sa.select(col(ChannelFirm.firm_id)).where(
+                        col(ChannelFirm.channel_id) == channel_id
+                    )
+                )
+            )
         if after:
             query = query.where(col(KnownFirmMember.user_id) > after)
     else:
@@ -434,10 +461,19 @@ async def list_channels(
     mine = sa.select(col(ChannelMember.channel_id)).where(
         col(ChannelMember.user_id) == caller.user_id, col(ChannelMember.firm_id) == caller.firm_id
     )
+    threads = sa.select(col(ChannelFirm.channel_id)).where(
+        col(ChannelFirm.firm_id) == caller.firm_id
+    )
     query = (
         select(Channel)
         .where(col(Channel.cluster_id).in_(clusters))
-        .where(sa.or_(col(Channel.kind).in_(OPEN_KINDS), col(Channel.id).in_(mine)))
+        .where(
+            sa.or_(
+                col(Channel.kind).in_(OPEN_KINDS),
+                col(Channel.id).in_(mine),
+                sa.and_(col(Channel.kind) == "thread", col(Channel.id).in_(threads)),
+            )
+        )
         .order_by(col(Channel.id))
         .limit(limit + 1)
     )
@@ -519,12 +555,25 @@ async def describe_channels(
         for c in channels
         if c.kind == "general"
     }
+    thread_roles = dict(
+        (
+            await session.execute(
+                sa.select(col(ChannelFirm.channel_id), col(ChannelFirm.role)).where(
+                    col(ChannelFirm.channel_id).in_(ids), col(ChannelFirm.firm_id) == caller.firm_id
+                )
+            )
+        ).all()
+    )
+    firm_admin = await _firm_admin(session, caller) if thread_roles else False
     out = []
     for c in channels:
         member = members.get(c.id)
         role: Any = member.role if member else None
         if c.kind == "general":
             role = "admin" if admin_of_general[c.cluster_id] else "member"
+        elif c.kind == "thread":
+            requester = thread_roles.get(c.id) == "requester"
+            role = "admin" if requester and firm_admin else "member"
         out.append(
             ChannelOut(
                 id=c.id,
@@ -534,7 +583,7 @@ async def describe_channels(
                 topic=c.topic,
                 created_at=c.created_at,
                 last_seq=c.last_seq,
-                joined=c.kind == "general" or member is not None,
+                joined=c.kind in ("general", "thread") or member is not None,
                 role=role,
                 read_seq=int(markers.get(c.id, 0)),
                 unread_count=int(unread.get(c.id, 0)),
@@ -562,6 +611,7 @@ def message_out(message: Message) -> MessageOut:
         edited_at=message.edited_at,
         deleted=message.deleted_at is not None,
         deleted_at=message.deleted_at,
+        system=message.sender_id == SYSTEM,
     )
 
 
@@ -599,6 +649,8 @@ async def _check_mentions(
         firm_id: str | None
         if access.channel.kind in OPEN_KINDS:
             firm_id = await cluster_user_firm(session, cluster_id, user_id)
+        elif access.channel.kind == "thread":
+            firm_id = await _thread_user_firm(session, access.channel, user_id)
         else:
             member = await session.get(ChannelMember, (access.channel.id, user_id))
             firm_id = member.firm_id if member else None
@@ -615,6 +667,33 @@ async def _check_mentions(
             "Mentions must name members of this channel or firms of this cluster.", unknown=bad
         )
     return users
+
+
+async def _thread_user_firm(session: AsyncSession, channel: Channel, user_id: str) -> str | None:
+    """The firm through which a user is in a task's thread, or None."""
+    return (
+        await session.execute(
+            sa.select(col(KnownFirmMember.firm_id))
+            .join(
+                ChannelFirm,
+                sa.and_(
+                    col(ChannelFirm.firm_id) == col(KnownFirmMember.firm_id),
+                    col(ChannelFirm.channel_id) == channel.id,
+                ),
+            )
+            .join(
+                KnownClusterMember,
+                sa.and_(
+                    col(KnownClusterMember.firm_id) == col(KnownFirmMember.firm_id),
+                    col(KnownClusterMember.cluster_id) == channel.cluster_id,
+                    col(KnownClusterMember.active),
+                ),
+            )
+            .where(col(KnownFirmMember.user_id) == user_id, col(KnownFirmMember.active))
+            .order_by(col(KnownFirmMember.firm_id))
+            .limit(1)
+        )
+    ).scalar_one_or_none()
 
 
 async def post_message(
@@ -878,3 +957,69 @@ async def readable_channels(
             continue
         out.add(channel_id)
     return out
+
+
+# -- task threads and system messages (from marketplace events) ----------------------
+async def ensure_task_thread(
+    session: AsyncSession, cluster_id: str, task_id: str, requester_firm_id: str
+) -> Channel:
+    """A task's thread, created on first need with the requester firm in it."""
+    key = f"task:{task_id}"
+    channel = (
+        await session.execute(
+            select(Channel).where(Channel.cluster_id == cluster_id, Channel.direct_key == key)
+        )
+    ).scalar_one_or_none()
+    if channel is None:
+        channel = Channel(
+            id=new_id("chan"),
+            cluster_id=cluster_id,
+            kind="thread",
+            name=f"task {task_id}"[:80],
+            direct_key=key,
+        )
+        session.add(channel)
+        await session.flush()
+    await add_thread_firm(session, channel, requester_firm_id, "requester")
+    return channel
+
+
+async def add_thread_firm(session: AsyncSession, channel: Channel, firm_id: str, role: str) -> None:
+    """Put a firm's users in a thread (once; a requester stays the requester)."""
+    if await session.get(ChannelFirm, (channel.id, firm_id)) is None:
+        session.add(ChannelFirm(channel_id=channel.id, firm_id=firm_id, role=role))
+        await session.flush()
+
+
+async def post_system_message(
+    session: AsyncSession, channel_id: str, text: str, *, key: str
+) -> Message:
+    """A message the platform posts (sender ``system``); ``key`` makes it once per cause.
+
+    It takes the channel's next seq like any post and reaches subscribers the same way,
+    but it is nobody's conversation, so no ``message.posted`` event is emitted for it.
+    """
+    await _lock_channel(session, channel_id)
+    existing = (
+        await session.execute(
+            select(Message).where(Message.sender_id == SYSTEM, Message.client_message_id == key)
+        )
+    ).scalar_one_or_none()
+    if existing is not None:
+        return existing
+    seq = await _next_seq(session, channel_id)
+    message = Message(
+        id=new_id("msg"),
+        channel_id=channel_id,
+        seq=seq,
+        sender_id=SYSTEM,
+        sender_firm_id=SYSTEM,
+        client_message_id=key,
+        text=text,
+    )
+    session.add(message)
+    await session.flush()
+    session.add(ChannelEvent(channel_id=channel_id, seq=seq, kind="posted", message_id=message.id))
+    await session.flush()
+    _announce_event(session, event_frame(channel_id, seq, "posted", message))
+    return message
