@@ -1,4 +1,4 @@
-"""The ``onecluster`` command: serve, migrate, rotate keys."""
+"""The ``onecluster`` command: serve, migrate, rotate keys, rebuild metrics, simulate."""
 
 from __future__ import annotations
 
@@ -156,6 +156,51 @@ def metrics_rebuild(data_dir: DataDir = None) -> None:
         )
 
     asyncio.run(run())
+
+
+@cli.command()
+def simulate(
+    base_url: Annotated[str, typer.Option(help="the platform's public URL")] = (
+        "http://127.0.0.1:8000"
+    ),
+    scenario: Annotated[
+        list[str] | None,
+        typer.Option(help="software, furniture, ai, idle_park, loose or thin; all if omitted"),
+    ] = None,
+    redirect_uri: Annotated[
+        str | None,
+        typer.Option(help="a redirect URI of the web client (default <base-url>/oauth/callback)"),
+    ] = None,
+    tag: Annotated[str | None, typer.Option(help="suffix of the simulated emails")] = None,
+) -> None:
+    """Drive the simulator's clusters through the public API and print their classification."""
+    import asyncio
+
+    import httpx
+
+    from services.metrics.simulator import SCENARIOS, run
+
+    unknown = sorted(set(scenario or ()) - set(SCENARIOS))
+    if unknown:
+        raise typer.BadParameter(f"unknown scenario: {', '.join(unknown)}")
+    base = base_url.rstrip("/")
+
+    async def go() -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            sims = await run(
+                client,
+                scenario or None,
+                redirect_uri=redirect_uri or f"{base}/oauth/callback",
+                tag=tag,
+            )
+            for key, sim in sims.items():
+                answer = await client.get(
+                    f"/v1/clusters/{sim.cluster_id}/classification", headers=sim.operator.auth
+                )
+                body = answer.json()
+                typer.echo(f"{key}: {sim.cluster_id} {body['label']} — {body['explanation']}")
+
+    asyncio.run(go())
 
 
 def main() -> None:
