@@ -696,11 +696,25 @@ def print_report(report: Report, args: argparse.Namespace) -> None:
             f"{http.rate:.0f} / {sql.rate:.0f} = {ratio:.2f}"
             f"   ({verdict} the aim of {args.target:g})"
         )
+        http_cpu, sql_cpu = _cpu_per_annotation(http), _cpu_per_annotation(sql)
+        if http_cpu and sql_cpu:
+            print(
+                f"CPU per annotation, every party: HTTP {http_cpu:.2f} ms, pgbench {sql_cpu:.2f} ms"
+                f" (pgbench / HTTP = {sql_cpu / http_cpu:.2f}: the ratio on an otherwise idle"
+                " machine, steadier when it is busy); one worker at one full core would do"
+                f" {1000 / (http.per_annotation_ms('server') or 1):.0f} annotations/s"
+            )
     print(
         "\ngen: the load generator (this process for HTTP, pgbench for SQL); srv: the\n"
         "onecluster serve process; db: this run's PostgreSQL backends and Redis; CPU columns\n"
         "are shares of one core; others: every other process (well above 0% = disturbed)."
     )
+
+
+def _cpu_per_annotation(w: Window) -> float | None:
+    parts = [w.per_annotation_ms(which) for which in ("generator", "server", "backing")]
+    known = [p for p in parts if p is not None]
+    return sum(known) if known else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

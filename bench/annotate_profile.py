@@ -2,7 +2,8 @@
 
 bench/annotate.py ``--profile FILE`` records the ``onecluster serve`` process with py-spy
 (a sampling profiler: nothing changes in the server, which runs as in the plain
-benchmark) during the measured HTTP window, keeps the collapsed stacks in FILE and prints
+benchmark) during the measured HTTP window, counting only samples that hold the GIL (the
+process's CPU, not its event loop waiting), keeps the collapsed stacks in FILE and prints
 a summary: samples by area (own time), the top functions by own time, and the
 repository's functions by inclusive time.
 
@@ -61,6 +62,7 @@ async def start_recording(
         "--format=raw",
         "--full-filenames",
         "--nonblocking",
+        "--gil",  # only samples holding the GIL: CPU, not an event loop waiting
         f"--output={out}",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -115,7 +117,7 @@ def summarize(raw: Path, *, server_ms_per_annotation: float | None, top: int = 2
         return f"  {share:6.1%} {ms}  {what}"
 
     lines = [
-        f"{total} samples of the served process while it was busy; shares of them, and the"
+        f"{total} samples of the served process holding the GIL; shares of them, and the"
         " same as server CPU ms per annotation:",
         "",
         "Own time by area:",
