@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.marketplace_support import add_member, join, owner_of, vendor_profile
 from tests.oauth_flow import bearer
@@ -198,3 +199,17 @@ def replica(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+async def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        text = (await http.get("/metrics")).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return float(samples.get((name, tuple(sorted(labels.items()))), 0.0))

@@ -15,7 +15,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from services.messaging.client import MessagingClient
-from tests.messaging_support import replica, served_world, token
+from tests.messaging_support import replica, scrape, served_world, token, value
 
 pytestmark = pytest.mark.slow
 
@@ -234,6 +234,8 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_slows_nobody(
             # the healthy one is still served
             await healthy.send_frame({"type": "ping", "id": "after"})
             assert (await healthy.recv_until("pong"))["ref"] == "after"
+            metrics = await scrape(base)
+            assert value(metrics, "messaging_slow_consumer_disconnects_total") == 1
 
 
 async def test_access_loss_ends_subscriptions_at_once_and_revoked_tokens_close_the_socket(

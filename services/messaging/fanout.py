@@ -49,6 +49,7 @@ from services.kit.auth import DenyList, MemoryDenyList, Principal
 from services.kit.db import Database
 from services.kit.settings import Settings
 from services.messaging import service
+from services.messaging.counters import RESYNCS, SLOW_CONSUMER_DISCONNECTS
 from services.messaging.models import Channel
 
 log = logging.getLogger("onecluster.messaging.fanout")
@@ -98,6 +99,7 @@ class Subscription:
         try:
             while self.last < self.target and not self.conn.closed:
                 if self.target - self.last > hub.settings.messaging_replay_limit:
+                    RESYNCS.labels("live").inc()
                     self.conn.push(
                         frame(
                             "resync_required",
@@ -166,6 +168,8 @@ class Connection:
         if self.closed:
             return
         self.closed, self.close_code, self.close_reason = True, code, reason
+        if code == CLOSE_SLOW_CONSUMER:
+            SLOW_CONSUMER_DISCONNECTS.inc()
         if code >= 4000 or code == CLOSE_SERVICE_RESTART:
             log.info("closing the socket of %s with %s (%s)", self.principal.subject, code, reason)
         for sub in list(self.subs.values()):
@@ -254,6 +258,7 @@ class Hub:
         start = last if since is None else since
         if start > last or last - start > self.settings.messaging_replay_limit:
             self.unsubscribe(sub)
+            RESYNCS.labels("subscribe").inc()
             conn.push(
                 frame("resync_required", channel_id=channel_id, since_seq=start, last_seq=last)
             )

@@ -32,6 +32,8 @@ from services.kit.db import utcnow
 from services.kit.errors import Conflict, Forbidden, InvalidState, NotFound, Problem, Unprocessable
 from services.kit.ids import new_id
 from services.kit.outbox import emit
+from services.kit.telemetry import count_on_commit
+from services.messaging.counters import MESSAGES_POSTED
 from services.messaging.models import (
     Channel,
     ChannelEvent,
@@ -773,6 +775,7 @@ async def post_message(
         ),
     )
     await session.flush()
+    count_on_commit(session, MESSAGES_POSTED.labels(access.channel.kind))
     _announce_event(session, event_frame(channel_id, seq, "posted", message))
     return message, True
 
@@ -1021,5 +1024,8 @@ async def post_system_message(
     await session.flush()
     session.add(ChannelEvent(channel_id=channel_id, seq=seq, kind="posted", message_id=message.id))
     await session.flush()
+    channel = await session.get(Channel, channel_id)
+    kind = channel.kind if channel is not None else "unknown"
+    count_on_commit(session, MESSAGES_POSTED.labels(kind))
     _announce_event(session, event_frame(channel_id, seq, "posted", message))
     return message

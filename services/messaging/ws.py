@@ -39,6 +39,7 @@ from services.kit.errors import (
 )
 from services.kit.settings import Settings
 from services.messaging import service
+from services.messaging.counters import FRAMES_DELIVERED, OPEN_SOCKETS
 from services.messaging.fanout import (
     CLOSE_FORBIDDEN,
     CLOSE_SLOW_CONSUMER,
@@ -116,9 +117,18 @@ async def verify(websocket: WebSocket, token: Any) -> Principal:
 
 @router.websocket("/v1/ws")
 async def socket(websocket: WebSocket) -> None:
+    """Accept, then serve until the socket ends (``messaging_websocket_connections``)."""
+    await websocket.accept()
+    OPEN_SOCKETS.inc()
+    try:
+        await _serve(websocket)
+    finally:
+        OPEN_SOCKETS.dec()
+
+
+async def _serve(websocket: WebSocket) -> None:
     settings: Settings = websocket.app.state.settings
     hub: Hub = websocket.app.state.hub
-    await websocket.accept()
     try:
         first = await asyncio.wait_for(websocket.receive_text(), settings.messaging_auth_timeout)
         data = parse(first, settings.messaging_max_frame_bytes)
@@ -190,6 +200,7 @@ async def _write(websocket: WebSocket, conn: Connection) -> None:
             except TimeoutError:
                 conn.fail(CLOSE_SLOW_CONSUMER, "slow consumer")
                 return
+            FRAMES_DELIVERED.labels(str(payload.get("type", ""))).inc()
     except (WebSocketDisconnect, RuntimeError, OSError):
         conn.fail(1000, "")
 
