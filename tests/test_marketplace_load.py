@@ -155,6 +155,7 @@ async def _run(server: str, database_url: str) -> None:
     def new_client() -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=server, timeout=120, trust_env=False)
 
+    started = time.monotonic()
     try:
         crowd = await build_crowd(
             new_client, tag="load", vendors=VENDOR_REGIONS, annotators=ANNOTATORS, concurrency=8
@@ -164,9 +165,17 @@ async def _run(server: str, database_url: str) -> None:
         ) as client:
             tid = await _publish(client, crowd.cluster_id, crowd.requester)
             await wait_until_visible(client, tid, crowd.annotators)
+            ready = time.monotonic()
             tally = await _annotate(client, db, tid, crowd.annotators)
+            annotated = time.monotonic()
             _check_outcome(db, tid, tally)
             await _accept_everything(client, db, tid, crowd.requester)
+        print(  # shown with -rP: where the time of a run goes
+            f"set-up {ready - started:.0f} s, annotation {annotated - ready:.0f} s, checks and"
+            f" acceptance {time.monotonic() - annotated:.0f} s; {len(tally.abandoned)} leases"
+            f" abandoned, {tally.expired} expired before their submit, {tally.empty_claims}"
+            f" empty claims, {tally.retried} requests sent again"
+        )
     finally:
         db.engine.dispose()
 
