@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from joserfc.jwk import KeySet
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from services.kit.auth import (
     DenyList,
@@ -41,12 +41,17 @@ class Runtime:
         self.draining = False
         self._users = 0
         if settings.redis_url:
-            self.redis = Redis.from_url(
+            # A blocking pool: a burst of more concurrent requests than connections
+            # waits for one (up to 5 s) instead of failing at once.
+            pool = BlockingConnectionPool.from_url(
                 settings.redis_url,
+                max_connections=settings.redis_pool_size,
+                timeout=5,
                 socket_timeout=5,
                 socket_connect_timeout=5,
                 health_check_interval=15,
             )
+            self.redis = Redis(connection_pool=pool)
             prefix = settings.redis_prefix
             self.bus = RedisStreamsBus(self.redis, prefix=prefix)
             self.denylist = RedisDenyList(self.redis, prefix)
@@ -78,7 +83,7 @@ class Runtime:
         if self._users == 0:
             await self.bus.stop()
             if self.redis is not None:
-                await self.redis.aclose()
+                await self.redis.aclose(close_connection_pool=True)
 
     async def redis_ping(self) -> Any:
         if self.redis is None:

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
         None, description="Redis for streams, rate limits and deny-lists; in-process when unset"
     )
     redis_prefix: str = Field("oc", description="namespace of every Redis key and stream")
+    redis_pool_size: int = Field(
+        100, ge=4, le=10_000, description="Redis connections per process; more requests wait"
+    )
     auto_migrate: bool = Field(True, description="migrate each service's database at start-up")
 
     public_url: str = Field(
