@@ -117,3 +117,20 @@ def test_secrets_may_come_as_files_named_like_their_variables(tmp_path: Path) ->
         check=True,
     ).stdout.split()
     assert shown == ["a-secret-from-a-mounted-file-0123456789", "postgresql://env@db/onecluster"]
+
+
+def test_light_password_hashing_only_under_the_test_environment(tmp_path: Path) -> None:
+    from argon2 import extract_parameters
+
+    from services.membership import passwords
+
+    secret = "s" * 40
+    try:
+        for env, memory in (("test", 1024), ("development", 65536), ("production", 65536)):
+            extra = {"public_url": "https://x.example"} if env == "production" else {}
+            passwords.configure(Settings(env=env, data_dir=tmp_path, secret_key=secret, **extra))
+            hashed = passwords.hash_password("correct horse battery staple")
+            assert extract_parameters(hashed).memory_cost == memory, env
+            assert passwords.verify_password(hashed, "correct horse battery staple")
+    finally:
+        passwords.configure(Settings(env="test", data_dir=tmp_path, secret_key=secret))

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from services.kit.app import KitModels, ServiceSpec, create_service_app
 from services.kit.runtime import Runtime
 from services.kit.settings import Settings
-from services.membership import client_routes, oauth_routes, routes
+from services.membership import client_routes, oauth_routes, passwords, routes
 from services.membership.models import MembershipIdempotencyKey, MembershipOutbox
 
 SPEC = ServiceSpec(
@@ -35,4 +35,6 @@ SPEC = ServiceSpec(
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
-    return create_service_app(SPEC, settings, runtime)
+    app = create_service_app(SPEC, settings, runtime)
+    passwords.configure(app.state.settings)
+    return app
