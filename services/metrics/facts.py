@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from itertools import combinations
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -40,9 +40,11 @@ class FirmFact:
     industries: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Tie:
-    """Collaboration summed over the window for (source, target, kind, origin)."""
+class Tie(NamedTuple):
+    """Collaboration summed over the window for (source, target, kind, origin).
+
+    A named tuple: a large cluster's windows hold hundreds of thousands of them.
+    """
 
     source: str
     target: str
@@ -232,28 +234,36 @@ async def _tasks(
 ) -> list[TaskRecord]:
     lo = datetime.combine(start, datetime.min.time()).replace(tzinfo=UTC)
     hi = datetime.combine(end + timedelta(days=1), datetime.min.time()).replace(tzinfo=UTC)
+    t = _table(TaskFact).c
     rows = (
-        (
-            await session.execute(
-                select(TaskFact)
-                .where(
-                    col(TaskFact.cluster_id) == cluster_id,
-                    col(TaskFact.published_at) >= lo,
-                    col(TaskFact.published_at) < hi,
-                )
-                .order_by(col(TaskFact.id))
+        await session.execute(
+            sa.select(
+                t.id,
+                t.requester_firm_id,
+                t.requester_region,
+                t.published_at,
+                t.first_claimed_at,
+                t.first_submitted_at,
+                t.completed_at,
+                t.outcome,
+                t.item_count,
             )
+            .where(t.cluster_id == cluster_id, t.published_at >= lo, t.published_at < hi)
+            .order_by(t.id)
         )
-        .scalars()
-        .all()
-    )
+    ).all()
     if not rows:
         return []
     vendors: dict[str, set[str]] = defaultdict(set)
+    # A join on the window rather than an IN list of every task id (tens of thousands).
     for task_id, firm_id, region in (
         await session.execute(
-            select(TaskVendor.task_id, TaskVendor.firm_id, TaskVendor.region).where(
-                col(TaskVendor.task_id).in_([t.id for t in rows])
+            select(TaskVendor.task_id, TaskVendor.firm_id, TaskVendor.region)
+            .join(TaskFact, col(TaskFact.id) == col(TaskVendor.task_id))
+            .where(
+                col(TaskFact.cluster_id) == cluster_id,
+                col(TaskFact.published_at) >= lo,
+                col(TaskFact.published_at) < hi,
             )
         )
     ).all():
@@ -261,19 +271,29 @@ async def _tasks(
             vendors[task_id].add(region)
     return [
         TaskRecord(
-            id=t.id,
-            requester_firm_id=t.requester_firm_id,
-            requester_region=t.requester_region,
-            vendor_regions=frozenset(vendors.get(t.id, ())),
-            published_at=t.published_at,
-            first_claimed_at=t.first_claimed_at,
-            first_submitted_at=t.first_submitted_at,
-            completed_at=t.completed_at,
-            outcome=t.outcome,
-            item_count=t.item_count,
+            id=task_id,
+            requester_firm_id=requester,
+            requester_region=region,
+            vendor_regions=frozenset(vendors.get(task_id, ())),
+            published_at=published,
+            first_claimed_at=claimed,
+            first_submitted_at=submitted,
+            completed_at=completed,
+            outcome=outcome,
+            item_count=items,
         )
-        for t in rows
-        if t.requester_firm_id in members
+        for (
+            task_id,
+            requester,
+            region,
+            published,
+            claimed,
+            submitted,
+            completed,
+            outcome,
+            items,
+        ) in rows
+        if requester in members
     ]
 
 
