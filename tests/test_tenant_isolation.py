@@ -227,6 +227,9 @@ CASES: dict[tuple[str, str], Case] = {
     ("DELETE", "/v1/channels/{channel_id}/messages/{message_id}"): Case(lower=("a1x", 403)),
     ("GET", "/v1/channels/{channel_id}/messages/{message_id}/edits"): Case(),
     ("POST", "/v1/channels/{channel_id}/read-marker"): Case(body={"seq": 0}),
+    ("GET", "/v1/messages/search"): Case(
+        foreign=None, note="readable channels only; another tenant's: test_messaging_search"
+    ),
     # metrics: the operator fa1's owner a1 reads and imports; member fa2 gets 403
     ("GET", "/v1/clusters/{cluster_id}/indicators"): Case(lower=("a2", 403)),
     ("GET", "/v1/clusters/{cluster_id}/network"): Case(lower=("a2", 403)),

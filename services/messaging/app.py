@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from services.kit.app import KitModels, ServiceSpec, create_service_app
 from services.kit.runtime import Runtime
 from services.kit.settings import Settings
-from services.messaging import consumers, routes, ws
+from services.messaging import consumers, routes, search, ws
 from services.messaging.fanout import Hub
 from services.messaging.models import (
     MessagingIdempotencyKey,
@@ -47,7 +47,7 @@ SPEC = ServiceSpec(
         processed_events=MessagingProcessedEvent,
     ),
     migrations_dir=Path(__file__).parent / "migrations",
-    on_startup=[consumers.on_startup, start_hub],
+    on_startup=[search.on_startup, consumers.on_startup, start_hub],
     on_shutdown=[stop_hub],
     openapi_tags=[
         {"name": "channels", "description": "Channels, conversations and their people"},

@@ -126,6 +126,12 @@ class Message(MessagingBase, table=True):
     __table_args__ = (
         sa.UniqueConstraint("channel_id", "seq"),
         sa.UniqueConstraint("sender_id", "client_message_id"),
+        # full-text search on PostgreSQL (SQLite: the FTS5 table of ``search.py``)
+        sa.Index(
+            "ix_messages_text_search",
+            sa.text("to_tsvector('simple'::regconfig, text)"),
+            postgresql_using="gin",
+        ).ddl_if(dialect="postgresql"),
     )
     id: str = Field(primary_key=True, max_length=40)
     channel_id: str = Field(foreign_key="channels.id", max_length=40)

@@ -14,7 +14,7 @@ from api.events import ChannelKind
 from services.kit.errors import responses
 from services.kit.pagination import Page, PageParams, encode_cursor
 from services.kit.ratelimit import enforce
-from services.messaging import service
+from services.messaging import search, service
 from services.messaging.deps import MessagingReader, MessagingWriter, SessionDep
 from services.messaging.models import ChannelMember
 from services.messaging.schemas import (
@@ -349,3 +349,33 @@ async def set_read_marker(
 ) -> ReadMarkerOut:
     seq = await service.set_read_marker(session, principal, channel_id, body.seq)
     return ReadMarkerOut(channel_id=channel_id, seq=seq)
+
+
+@router.get(
+    "/messages/search",
+    response_model=Page[MessageOut],
+    tags=["messages"],
+    summary="Search the messages of the channels you can read, newest first",
+    description=(
+        'Web-search syntax: words (all must match), `"a phrase"`, `or`, `-word`. '
+        "Tokens match literally (English, pinyin and Chinese alike); deleted messages are "
+        "never found; an edited message is found by its current text."
+    ),
+    responses=ERR,
+)
+async def search_messages(
+    session: SessionDep,
+    principal: MessagingReader,
+    page: PageParams,
+    q: Annotated[str, Query(min_length=1, max_length=200, description="search terms")],
+    channel_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+) -> Page[MessageOut]:
+    rows = await search.search_messages(
+        session, principal, q, channel_id=channel_id, limit=page.limit, after=page.after
+    )
+    more = len(rows) > page.limit
+    items = rows[: page.limit]
+    return Page[MessageOut](
+        items=[service.message_out(m) for m in items],
+        next_cursor=encode_cursor(items[-1].id) if more and items else None,
+    )

@@ -443,6 +443,38 @@ async def list_members(
     return [(r[0], r[1], r[2], r[3]) for r in rows]
 
 
+async def readable_channel_ids(session: AsyncSession, caller: Caller) -> Any:
+    """A subquery of the ids of every channel the caller can read (None: none at all).
+
+    The same rule as :func:`channel_access`: channels of the clusters the caller's firm
+    is an active member of that are open (general, public), that the user is in acting
+    for this firm, or task threads the firm is in.
+    """
+    firm_active = await session.get(KnownFirmMember, (caller.firm_id, caller.user_id))
+    if firm_active is None or not firm_active.active:
+        return None
+    clusters = sa.select(col(KnownClusterMember.cluster_id)).where(
+        col(KnownClusterMember.firm_id) == caller.firm_id, col(KnownClusterMember.active)
+    )
+    mine = sa.select(col(ChannelMember.channel_id)).where(
+        col(ChannelMember.user_id) == caller.user_id, col(ChannelMember.firm_id) == caller.firm_id
+    )
+    threads = sa.select(col(ChannelFirm.channel_id)).where(
+        col(ChannelFirm.firm_id) == caller.firm_id
+    )
+    return (
+        sa.select(col(Channel.id))
+        .where(col(Channel.cluster_id).in_(clusters))
+        .where(
+            sa.or_(
+                col(Channel.kind).in_(OPEN_KINDS),
+                col(Channel.id).in_(mine),
+                sa.and_(col(Channel.kind) == "thread", col(Channel.id).in_(threads)),
+            )
+        )
+    )
+
+
 async def list_channels(
     session: AsyncSession,
     principal: Principal,
@@ -454,28 +486,12 @@ async def list_channels(
 ) -> list[ChannelOut]:
     """Channels the caller can read, by id; ``limit + 1`` rows, with unread counts."""
     caller = caller_of(principal)
-    firm_active = await session.get(KnownFirmMember, (caller.firm_id, caller.user_id))
-    if firm_active is None or not firm_active.active:
+    readable = await readable_channel_ids(session, caller)
+    if readable is None:
         return []
-    clusters = sa.select(col(KnownClusterMember.cluster_id)).where(
-        col(KnownClusterMember.firm_id) == caller.firm_id, col(KnownClusterMember.active)
-    )
-    mine = sa.select(col(ChannelMember.channel_id)).where(
-        col(ChannelMember.user_id) == caller.user_id, col(ChannelMember.firm_id) == caller.firm_id
-    )
-    threads = sa.select(col(ChannelFirm.channel_id)).where(
-        col(ChannelFirm.firm_id) == caller.firm_id
-    )
     query = (
         select(Channel)
-        .where(col(Channel.cluster_id).in_(clusters))
-        .where(
-            sa.or_(
-                col(Channel.kind).in_(OPEN_KINDS),
-                col(Channel.id).in_(mine),
-                sa.and_(col(Channel.kind) == "thread", col(Channel.id).in_(threads)),
-            )
-        )
+        .where(col(Channel.id).in_(readable))
         .order_by(col(Channel.id))
         .limit(limit + 1)
     )
