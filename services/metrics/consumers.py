@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from datetime import date, datetime
+from functools import cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -303,6 +304,34 @@ async def add_collab(
     )
 
 
+def _dialect(session: AsyncSession) -> str:
+    return session.bind.dialect.name if session.bind is not None else "sqlite"
+
+
+@cache
+def _upsert_statement(
+    dialect: str,
+    table: sa.Table,
+    keys: tuple[str, ...],
+    adds: tuple[str, ...],
+    sets: tuple[str, ...],
+) -> Any:
+    """``INSERT … ON CONFLICT (keys) DO UPDATE SET add = add + excluded.add, set = excluded.set``,
+    built once per shape: the values come as parameters, so an event costs no statement
+    construction (the column proxies of ``excluded`` are the expensive part)."""
+    insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(table)
+    update = {name: table.c[name] + stmt.excluded[name] for name in adds}
+    update.update({name: stmt.excluded[name] for name in sets})
+    return stmt.on_conflict_do_update(index_elements=list(keys), set_=update)
+
+
+@cache
+def _insert_ignore_statement(dialect: str, table: sa.Table) -> Any:
+    insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(table).on_conflict_do_nothing()
+
+
 async def upsert_add(
     session: AsyncSession,
     model: Any,
@@ -311,20 +340,17 @@ async def upsert_add(
     sets: dict[str, Any] | None = None,
 ) -> None:
     """Insert the row, or add ``adds`` to its columns (and overwrite ``sets``) if it exists."""
-    table = model.__table__
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(table).values(**keys, **adds, **(sets or {}))
-    update = {name: table.c[name] + stmt.excluded[name] for name in adds}
-    update.update({name: stmt.excluded[name] for name in sets or {}})
-    await session.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=update))
+    sets = sets or {}
+    stmt = _upsert_statement(
+        _dialect(session), model.__table__, tuple(keys), tuple(adds), tuple(sets)
+    )
+    # Straight to the connection: a Core statement needs none of the ORM's execution path.
+    await (await session.connection()).execute(stmt, {**keys, **adds, **sets})
 
 
 async def _insert_ignore(session: AsyncSession, model: Any, **values: Any) -> None:
-    table = model.__table__
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    await session.execute(insert(table).values(**values).on_conflict_do_nothing())
+    stmt = _insert_ignore_statement(_dialect(session), model.__table__)
+    await (await session.connection()).execute(stmt, values)
 
 
 async def _activity(session: AsyncSession, cluster_id: str, day: date, firm_id: str) -> None:
@@ -360,11 +386,15 @@ async def _set_earliest(session: AsyncSession, task_id: str, column: str, at: da
 
 async def mark_dirty(session: AsyncSession, cluster_id: str) -> None:
     """Flag the cluster for the reclassification sweep (no write when already flagged)."""
-    await session.execute(
-        sa.update(Cluster)
-        .where(col(Cluster.id) == cluster_id, col(Cluster.dirty).is_(False))
-        .values(dirty=True)
-    )
+    await (await session.connection()).execute(_MARK_DIRTY, {"cluster_id": cluster_id})
+
+
+_CLUSTERS: sa.Table = Cluster.__table__  # type: ignore[attr-defined]
+_MARK_DIRTY = (
+    sa.update(_CLUSTERS)
+    .where(_CLUSTERS.c.id == sa.bindparam("cluster_id"), _CLUSTERS.c.dirty.is_(False))
+    .values(dirty=True)
+)
 
 
 async def _upsert_firm(

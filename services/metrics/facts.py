@@ -258,8 +258,9 @@ async def _tasks(
     # A join on the window rather than an IN list of every task id (tens of thousands).
     for task_id, firm_id, region in (
         await session.execute(
-            select(TaskVendor.task_id, TaskVendor.firm_id, TaskVendor.region)
-            .join(TaskFact, col(TaskFact.id) == col(TaskVendor.task_id))
+            sa.select(col(TaskVendor.task_id), col(TaskVendor.firm_id), col(TaskVendor.region))
+            .select_from(_table(TaskVendor))
+            .join(_table(TaskFact), col(TaskFact.id) == col(TaskVendor.task_id))
             .where(
                 col(TaskFact.cluster_id) == cluster_id,
                 col(TaskFact.published_at) >= lo,
