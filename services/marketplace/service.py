@@ -116,21 +116,51 @@ async def firm_eligible(session: AsyncSession, task: Task, firm: KnownFirm) -> b
 async def task_access(
     session: AsyncSession, principal: Principal, task_id: str, *, lock: bool = False
 ) -> TaskAccess:
-    """The task and how the caller relates to it; 404 for anyone who may not see it."""
-    role = await acting_role(session, principal)
-    query = select(Task).where(Task.id == task_id)
+    """The task and how the caller relates to it; 404 for anyone who may not see it.
+
+    One statement: the task with the caller's membership of its firm, its firm's
+    membership of the task's cluster and the firm's profile, outer-joined (every claim
+    and submit starts here, so four round trips would be the hot path's largest cost).
+    """
+    if principal.firm_id is None:
+        raise NotFound("No task with this id.")
+    firm_id = principal.firm_id
+    query = (
+        select(Task, KnownFirmMember, KnownClusterMember, KnownFirm)
+        .select_from(Task)
+        .outerjoin(
+            KnownFirmMember,
+            sa.and_(
+                col(KnownFirmMember.firm_id) == firm_id,
+                col(KnownFirmMember.user_id) == principal.subject,
+            ),
+        )
+        .outerjoin(
+            KnownClusterMember,
+            sa.and_(
+                col(KnownClusterMember.cluster_id) == col(Task.cluster_id),
+                col(KnownClusterMember.firm_id) == firm_id,
+            ),
+        )
+        .outerjoin(KnownFirm, col(KnownFirm.id) == firm_id)
+        .where(col(Task.id) == task_id)
+    )
     if lock:
-        query = query.with_for_update()
-    task = (await session.execute(query)).scalar_one_or_none()
-    if task is None or role is None or principal.firm_id is None:
+        query = query.with_for_update(of=Task)
+    found = (await session.execute(query)).one_or_none()
+    if found is None:
         raise NotFound("No task with this id.")
-    if task.requester_firm_id == principal.firm_id:
+    task, member, cluster_member, firm = found
+    if principal.kind == "client":
+        role: str | None = "client"
+    else:
+        role = member.role if member is not None and member.active else None
+    if role is None:
+        raise NotFound("No task with this id.")
+    if task.requester_firm_id == firm_id:
         return TaskAccess(task, requester=True, role=role)
-    if task.state == "draft" or not await is_cluster_member(
-        session, task.cluster_id, principal.firm_id
-    ):
+    if task.state == "draft" or cluster_member is None or not cluster_member.active:
         raise NotFound("No task with this id.")
-    firm = await session.get(KnownFirm, principal.firm_id)
     if firm is None or not await firm_eligible(session, task, firm):
         raise NotFound("No task with this id.")
     return TaskAccess(task, requester=False, role=role)
