@@ -7,6 +7,9 @@ too, after :func:`settle_metrics` made sure every event was applied.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +17,7 @@ import pytest
 
 from services.metrics.simulator import SCENARIOS, SimulatedCluster, run
 from tests.metrics_support import settle_metrics
+from tests.served import ROOT, serve_platform
 
 
 async def _get(client: httpx.AsyncClient, sim: SimulatedCluster, view: str) -> dict[str, Any]:
@@ -120,3 +124,30 @@ async def test_simulated_archetypes_and_problem_cases(
     assert "active members: 2 of 5" in missing
     assert "ties between members: 1 of 4" in missing
     assert "days of data in the window: 3 of 14" in missing
+
+
+@pytest.mark.slow
+def test_onecluster_simulate_drives_a_served_platform(
+    tmp_path: Path, database_url: str | None, redis_prefix: str
+) -> None:
+    """The command, over real HTTP against `onecluster serve` (the redirect URI only has
+    to be one the web client registers: the simulator reads the code off the redirect)."""
+    with serve_platform(tmp_path, database_url, redis_prefix) as base:
+        command = [sys.executable, "-m", "api.cli", "simulate", "--base-url", base]
+        command += ["--scenario", "thin", "--scenario", "ai"]
+        command += ["--redirect-uri", "http://127.0.0.1:8000/oauth/callback"]
+        result = subprocess.run(
+            command,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": cl_" in line)
+    assert set(lines) == {"thin", "ai"}
+    assert "insufficient_evidence" in lines["thin"]
+    assert (
+        "virtual_network — virtual network (network space): cross_region_weight_share"
+        in (lines["ai"])
+    )
