@@ -187,8 +187,15 @@ async def test_marketplace_work_and_imports_feed_indicators_and_network(
 async def test_thin_cluster_is_insufficient_evidence(
     client: httpx.AsyncClient, gateway: Any
 ) -> None:
+    from prometheus_client import REGISTRY
+
+    def runs() -> float:
+        labels = {"label": "insufficient_evidence"}
+        return REGISTRY.get_sample_value("metrics_classifier_runs_total", labels) or 0.0
+
     world: World = await build_cluster(client, gateway, "thin", FIRMS)
     await import_history(client, world, [record(world, "core", "sx", "contract", 1, 2)])
+    before = runs()
     response = await client.get(
         f"/v1/clusters/{world.cluster_id}/classification",
         headers=bearer(world.operator_tokens),
@@ -201,6 +208,7 @@ async def test_thin_cluster_is_insufficient_evidence(
     assert "active members: 2 of 5" in missing
     assert "ties between members: 1 of 4" in missing
     assert "days of data in the window: 3 of 14" in missing
+    assert runs() > before  # operators see classifier runs on /metrics
 
 
 async def test_idle_park_and_members_without_ties_raise_their_diagnostics(

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from services.metrics.config import MetricsConfig
+from services.metrics.counters import CLASSIFIER_RUNS, CLASSIFIER_SECONDS
 from services.metrics.indicators import Frame, Report, core_measures
 
 CLASSIFIER_VERSION = "decision-list-1"
@@ -168,6 +169,13 @@ def bootstrap_agreement(frame: Frame, decision: Decision, config: MetricsConfig)
 
 def classify(report: Report, config: MetricsConfig) -> dict[str, Any]:
     """The classification of one window, with its evidence, confidence and reasons."""
+    with CLASSIFIER_SECONDS.time():
+        result = _classify(report, config)
+    CLASSIFIER_RUNS.labels(result["label"]).inc()
+    return result
+
+
+def _classify(report: Report, config: MetricsConfig) -> dict[str, Any]:
     missing = gate(report, config)
     evidence = {
         "sufficient": not missing,
