@@ -230,6 +230,7 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/messages/search"): Case(
         foreign=None, note="readable channels only; another tenant's: test_messaging_search"
     ),
+    ("GET", "/v1/clusters/{cluster_id}/presence"): Case(),
     # metrics: the operator fa1's owner a1 reads and imports; member fa2 gets 403
     ("GET", "/v1/clusters/{cluster_id}/indicators"): Case(lower=("a2", 403)),
     ("GET", "/v1/clusters/{cluster_id}/network"): Case(lower=("a2", 403)),

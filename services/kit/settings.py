@@ -126,6 +126,15 @@ class Settings(BaseSettings):
         description="seconds one frame may wait to be written to a socket before its client "
         "counts as slow (closed with 4008)",
     )
+    messaging_presence_ttl: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a socket's presence mark lasts; refreshed every third of it "
+        "while the socket is open and on each client ping",
+    )
+    messaging_typing_interval: float = Field(
+        2.0, ge=0, description="least seconds between typing frames per socket and channel"
+    )
 
     log_level: str = "INFO"
     log_json: bool = True

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from sqlmodel import col
 from services.kit.auth import DenyList, MemoryDenyList, Principal
 from services.kit.db import Database
 from services.kit.settings import Settings
-from services.messaging import service
+from services.messaging import presence, service
 from services.messaging.counters import RESYNCS, SLOW_CONSUMER_DISCONNECTS
 from services.messaging.models import Channel
 
@@ -140,6 +141,13 @@ class Connection:
     close_code: int = 1000
     close_reason: str = ""
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    socket_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    present_in: set[str] = field(default_factory=set)
+    typing_at: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def presence_entry(self) -> str:
+        return presence.entry(self.caller.user_id, self.caller.firm_id, self.socket_id)
 
     def push(self, payload: dict[str, Any]) -> None:
         """Queue a frame without waiting; a full queue means a slow consumer (4008)."""
@@ -196,11 +204,20 @@ class Hub:
         self.by_channel: dict[str, set[Subscription]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self.presence: presence.PresenceStore = (
+            presence.MemoryPresence()
+            if redis is None
+            else presence.RedisPresence(redis, settings.redis_prefix)
+        )
+        self._present: dict[str, set[tuple[str, str]]] = {}
+        self.node = secrets.token_hex(8)
+        """This replica's id on ephemeral notes, which it delivers itself at once."""
 
     # -- life cycle --------------------------------------------------------------------
     def start(self) -> None:
         self.db.after_commit.append(self.after_commit)
         self._spawn(self._sweep())
+        self._spawn(self._heartbeat())
         if self.redis is not None:
             self._spawn(self._listen())
 
@@ -241,7 +258,7 @@ class Hub:
         """Replay the events after ``since``, then stream live; raises NotFound for no access."""
         old = conn.subs.get(channel_id)
         if old is not None:
-            self.unsubscribe(old)
+            self.unsubscribe(old, leave=False)
         sub = Subscription(conn, channel_id, "", last=since or 0, catching_up=True)
         # Registered before the channel is read: a notification that arrives meanwhile
         # only raises the target, so nothing between the read and now is missed.
@@ -267,10 +284,13 @@ class Hub:
         conn.push(frame("subscribed", channel_id=channel_id, since_seq=start, last_seq=last))
         sub.catching_up = False
         sub.behind(max(last, sub.target))
+        await self._enter(conn, sub.cluster_id)
 
-    def unsubscribe(self, sub: Subscription) -> None:
+    def unsubscribe(self, sub: Subscription, *, leave: bool = True) -> None:
         if sub.conn.subs.get(sub.channel_id) is sub:
             del sub.conn.subs[sub.channel_id]
+        if leave and not self._stopping and sub.cluster_id in sub.conn.present_in:
+            self._spawn(self._leave(sub.conn, sub.cluster_id))
         subs = self.by_channel.get(sub.channel_id)
         if subs is not None:
             subs.discard(sub)
@@ -278,6 +298,112 @@ class Hub:
                 del self.by_channel[sub.channel_id]
         if sub.task is not None and not sub.task.done() and sub.task is not asyncio.current_task():
             sub.task.cancel()
+
+    # -- presence and typing (ephemeral: never stored) -----------------------------------
+    async def _enter(self, conn: Connection, cluster_id: str) -> None:
+        """Mark the socket present in the cluster; announce the user if they were not."""
+        if cluster_id in conn.present_in or conn.closed:
+            return
+        conn.present_in.add(cluster_id)
+        try:
+            before = presence.present(await self.presence.live(cluster_id))
+            await self.presence.mark(
+                cluster_id, [conn.presence_entry], self.settings.messaging_presence_ttl
+            )
+        except Exception as exc:  # presence is best effort: delivery goes on
+            log.warning("presence mark: %r", exc)
+            return
+        pair = (conn.caller.user_id, conn.caller.firm_id)
+        self._present.setdefault(cluster_id, set()).add(pair)
+        if pair not in before:
+            self.announce(self._presence_note(cluster_id, pair, "online"))
+
+    async def _leave(self, conn: Connection, cluster_id: str) -> None:
+        """The socket left the cluster (closed, or no channel of it left): drop its mark."""
+        if not conn.closed and any(s.cluster_id == cluster_id for s in conn.subs.values()):
+            return
+        if cluster_id not in conn.present_in:
+            return
+        conn.present_in.discard(cluster_id)
+        try:
+            await self.presence.drop(cluster_id, conn.presence_entry)
+            after = presence.present(await self.presence.live(cluster_id))
+        except Exception as exc:
+            log.warning("presence drop: %r", exc)
+            return
+        pair = (conn.caller.user_id, conn.caller.firm_id)
+        if pair not in after:
+            self._present.get(cluster_id, set()).discard(pair)
+            self.announce(self._presence_note(cluster_id, pair, "offline"))
+
+    @staticmethod
+    def _presence_note(cluster_id: str, pair: tuple[str, str], status: str) -> dict[str, Any]:
+        return {
+            "k": "p",
+            "frame": frame(
+                "presence",
+                cluster_id=cluster_id,
+                user_id=pair[0],
+                firm_id=pair[1],
+                status=status,
+            ),
+        }
+
+    def touch(self, conn: Connection) -> None:
+        """A client heartbeat (``ping``): refresh the socket's presence marks now."""
+        if conn.present_in:
+            self._spawn(self._refresh([conn]))
+
+    async def _refresh(self, conns: list[Connection]) -> None:
+        by_cluster: dict[str, list[str]] = {}
+        for conn in conns:
+            if not conn.closed:
+                for cluster_id in conn.present_in:
+                    by_cluster.setdefault(cluster_id, []).append(conn.presence_entry)
+        for cluster_id, entries in by_cluster.items():
+            await self.presence.mark(cluster_id, entries, self.settings.messaging_presence_ttl)
+
+    async def _heartbeat(self) -> None:
+        """Refresh this replica's marks; announce users whose marks expired elsewhere."""
+        while not self._stopping:
+            await asyncio.sleep(self.settings.messaging_presence_ttl / 3)
+            try:
+                await self._refresh(list(self.connections))
+                watched = {s.cluster_id for c in self.connections for s in c.subs.values()}
+                for cluster_id in watched | set(self._present):
+                    now = set(presence.present(await self.presence.live(cluster_id)))
+                    for pair in self._present.get(cluster_id, set()) - now:
+                        self.announce(self._presence_note(cluster_id, pair, "offline"))
+                    if cluster_id in watched:
+                        self._present[cluster_id] = now
+                    else:
+                        self._present.pop(cluster_id, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("presence heartbeat: %r", exc)
+
+    def typing(self, conn: Connection, channel_id: str) -> bool:
+        """Tell the channel's other subscribers; False when rate-limited (dropped)."""
+        now = time.monotonic()
+        last = conn.typing_at.get(channel_id)
+        if last is not None and now - last < self.settings.messaging_typing_interval:
+            return False
+        conn.typing_at[channel_id] = now
+        payload = frame(
+            "typing",
+            channel_id=channel_id,
+            user_id=conn.caller.user_id,
+            firm_id=conn.caller.firm_id,
+        )
+        self.announce({"k": "t", "frame": payload})
+        return True
+
+    def announce(self, note: dict[str, Any]) -> None:
+        """Deliver an ephemeral note here and to every other replica."""
+        self.deliver(note)
+        if self.redis is not None:
+            self._spawn(self._publish({**note, "o": self.node}))
 
     # -- notifications -----------------------------------------------------------------
     def after_commit(self, session: AsyncSession) -> None:
@@ -303,6 +429,16 @@ class Hub:
                 sub.offer(int(payload["seq"]), payload)
         elif note.get("k") == "a":
             self._spawn(self._recheck(note["scope"]))
+        elif note.get("k") == "p":
+            payload = note["frame"]
+            for conn in list(self.connections):
+                if any(s.cluster_id == payload["cluster_id"] for s in conn.subs.values()):
+                    conn.push(payload)
+        elif note.get("k") == "t":
+            payload = note["frame"]
+            for sub in list(self.by_channel.get(payload["channel_id"], ())):
+                if sub.conn.caller.user_id != payload["user_id"]:
+                    sub.conn.push(payload)
 
     async def _recheck(self, scope: dict[str, str]) -> None:
         """Drop the subscriptions an access change ended (left the cluster, firm, channel).
@@ -354,8 +490,10 @@ class Hub:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         try:
-                            self.deliver(json.loads(message["data"]))
-                        except (ValueError, KeyError, TypeError):
+                            note = json.loads(message["data"])
+                            if note.get("o") != self.node:  # ours was delivered already
+                                self.deliver(note)
+                        except (ValueError, KeyError, TypeError, AttributeError):
                             log.warning("ignoring a malformed fan-out notification")
             except asyncio.CancelledError:
                 raise

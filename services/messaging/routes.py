@@ -14,7 +14,7 @@ from api.events import ChannelKind
 from services.kit.errors import responses
 from services.kit.pagination import Page, PageParams, encode_cursor
 from services.kit.ratelimit import enforce
-from services.messaging import search, service
+from services.messaging import presence, search, service
 from services.messaging.deps import MessagingReader, MessagingWriter, SessionDep
 from services.messaging.models import ChannelMember
 from services.messaging.schemas import (
@@ -29,6 +29,8 @@ from services.messaging.schemas import (
     MessageOut,
     MessagePage,
     MessageUpdate,
+    PresenceOut,
+    PresentUser,
     ReadMarkerIn,
     ReadMarkerOut,
 )
@@ -378,4 +380,29 @@ async def search_messages(
     return Page[MessageOut](
         items=[service.message_out(m) for m in items],
         next_cursor=encode_cursor(items[-1].id) if more and items else None,
+    )
+
+
+@router.get(
+    "/clusters/{cluster_id}/presence",
+    response_model=PresenceOut,
+    tags=["channels"],
+    summary="Users and firms of the cluster online now (members of the cluster only)",
+    description=(
+        "A user is online while one of their sockets is subscribed to a channel of the "
+        "cluster; changes also arrive as `presence` frames on the WebSocket."
+    ),
+    responses=ERR,
+)
+async def cluster_presence(
+    cluster_id: Id, request: Request, session: SessionDep, principal: MessagingReader
+) -> PresenceOut:
+    hub = request.app.state.hub
+    service.caller_of(principal)
+    pairs = presence.present(await hub.presence.live(cluster_id))
+    users = await service.present_members(session, principal, cluster_id, pairs)
+    return PresenceOut(
+        cluster_id=cluster_id,
+        users=[PresentUser(user_id=u, firm_id=f) for u, f in users],
+        firm_ids=sorted({f for _, f in users}),
     )

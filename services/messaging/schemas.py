@@ -166,3 +166,14 @@ class EditOut(BaseModel):
 class ReadMarkerOut(BaseModel):
     channel_id: str
     seq: int
+
+
+class PresentUser(BaseModel):
+    user_id: str
+    firm_id: str = Field(description="the firm the user is acting for on that socket")
+
+
+class PresenceOut(BaseModel):
+    cluster_id: str
+    users: list[PresentUser] = Field(description="users with an open socket in the cluster")
+    firm_ids: list[str] = Field(description="firms with at least one user present")

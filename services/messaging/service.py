@@ -1045,3 +1045,36 @@ async def post_system_message(
     count_on_commit(session, MESSAGES_POSTED.labels(kind))
     _announce_event(session, event_frame(channel_id, seq, "posted", message))
     return message
+
+
+async def present_members(
+    session: AsyncSession, principal: Principal, cluster_id: str, pairs: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """Of the (user, firm) pairs marked present, those still in the cluster; members only.
+
+    Anyone whose firm is not an active member of the cluster gets 404.
+    """
+    caller = caller_of(principal)
+    if not await in_cluster(session, caller, cluster_id):
+        raise NotFound("No cluster with this id among your firm's clusters.")
+    if not pairs:
+        return []
+    rows = (
+        await session.execute(
+            sa.select(col(KnownFirmMember.user_id), col(KnownFirmMember.firm_id))
+            .join(
+                KnownClusterMember,
+                sa.and_(
+                    col(KnownClusterMember.firm_id) == col(KnownFirmMember.firm_id),
+                    col(KnownClusterMember.cluster_id) == cluster_id,
+                    col(KnownClusterMember.active),
+                ),
+            )
+            .where(
+                col(KnownFirmMember.active),
+                col(KnownFirmMember.user_id).in_(sorted({u for u, _ in pairs})),
+            )
+        )
+    ).all()
+    still = {(r[0], r[1]) for r in rows}
+    return [pair for pair in pairs if pair in still]

@@ -261,7 +261,14 @@ async def handle(websocket: WebSocket, conn: Connection, data: dict[str, Any]) -
         conn.principal = principal
         conn.push(_authenticated(principal, data))
     elif kind == "ping":
+        hub.touch(conn)
         conn.push(frame("pong", ref=ref) if ref is not None else frame("pong"))
+    elif kind == "typing":
+        channel_id = _channel_id(data)
+        if channel_id not in conn.subs:  # subscribed: access was checked then
+            async with db.read_scope() as session:
+                await service.channel_access(session, conn.caller, channel_id)
+        hub.typing(conn, channel_id)
     elif kind == "subscribe":
         _require(conn, "messaging:read")
         since = data.get("since_seq")
