@@ -5,8 +5,8 @@ the test's database, Redis prefix and token issuer. Clients are the in-repo clie
 (``services.messaging.client``); ``follow`` resubscribes with the last seq it saw after a
 dropped socket, on the next replica.
 
-The scale defaults to what two shared cores run in reasonable time; set
-``MESSAGING_TEST_CLIENTS`` / ``MESSAGING_TEST_MESSAGES`` (e.g. 50 / 2000) for more.
+The scale defaults to 50 clients and 2,000 messages (about a minute here);
+``MESSAGING_TEST_CLIENTS`` / ``MESSAGING_TEST_MESSAGES`` change it.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from tests.messaging_support import World, replica, served_world, token
 
 pytestmark = [pytest.mark.slow, requires_postgres, requires_redis]
 
-CLIENTS = int(os.environ.get("MESSAGING_TEST_CLIENTS", "10"))
-MESSAGES = int(os.environ.get("MESSAGING_TEST_MESSAGES", "400"))
+CLIENTS = int(os.environ.get("MESSAGING_TEST_CLIENTS", "50"))
+MESSAGES = int(os.environ.get("MESSAGING_TEST_MESSAGES", "2000"))
 PEOPLE = ("op", "op2", "sx", "sx2", "nm")
 
 
