@@ -382,6 +382,7 @@ def exported_metrics() -> set[str]:
 
 
 def used_metrics(expr: str) -> set[str]:
+    expr = re.sub(r"\b(by|without)\s*\([^)]*\)", "", expr)  # grouping labels
     words = set(re.findall(r"\b([a-z_][a-z0-9_]*)\b\s*(?:\{|\[|\))", expr))
     functions = {
         "rate", "sum", "max", "increase", "histogram_quantile", "by", "le",
