@@ -111,7 +111,9 @@ class Step:
 
     @property
     def saturated(self) -> bool:
-        return self.deliveries_per_s < 0.9 * self.offered_per_s or self.p99_ms > 2000.0
+        # one message of slack: a window holds a whole number of messages, not of seconds
+        slack = self.subscribers / self.seconds
+        return self.deliveries_per_s < 0.9 * self.offered_per_s - slack or self.p99_ms > 2000.0
 
     def row(self) -> str:
         srv = "-" if self.server_us is None else f"{self.server_us:.0f}"
@@ -203,7 +205,7 @@ async def run_step(
         sent=sent,
         seconds=elapsed,
         deliveries_per_s=delivered / elapsed,
-        offered_per_s=rate * subscribers,
+        offered_per_s=sent * subscribers / elapsed,
         p50_ms=percentile(latencies, 0.5),
         p99_ms=percentile(latencies, 0.99),
         server_us=None if server_cpu is None or not delivered else server_cpu / delivered * 1e6,
@@ -233,7 +235,7 @@ async def ramp(
     steps: list[Step] = []
     schedule = rates or [args.start_rate * 1.6**k for k in range(args.max_steps)]
     for rate in schedule:
-        seconds = max(1.0, args.messages / rate) if args.messages else args.step
+        seconds = max(1.0, args.messages / rate) if args.messages else max(args.step, 8 / rate)
         step = await run_step(
             send, pad, sink, args.subscribers, rate, seconds, args.warmup, server_pids
         )
@@ -346,8 +348,12 @@ async def platform(
 
     # one message to learn the size of an event frame (the bare server sends the same)
     await send(pad(f"{MARK}{time.time():.6f}~"))
-    await drain(sink, quiet=0.5, limit=10)
+    deadline = time.monotonic() + 30
+    while len(sink.seen) < len(sockets) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
     frame_bytes = sink.frame_bytes
+    if not frame_bytes:
+        raise RuntimeError("the first message reached no subscriber in 30 s")
     pids = [s.pid for s in servers]
     steps = await ramp("platform", send, pad, sink, args, pids)
     (half,) = await ramp(
@@ -487,7 +493,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--start-rate", type=float, default=1.0, help="first step, messages/s")
     parser.add_argument("--max-steps", type=int, default=14)
-    parser.add_argument("--step", type=float, default=3.0, help="measured seconds per step")
+    parser.add_argument(
+        "--step",
+        type=float,
+        default=3.0,
+        help="measured seconds per step (at least 8 messages' worth)",
+    )
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds sent before measuring")
     parser.add_argument("--text-bytes", type=int, default=200, help="message text size")
     parser.add_argument("--log-dir", help="keep the servers' logs there")
