@@ -44,15 +44,15 @@ async def _messages_until(
         await asyncio.sleep(0.05)
 
 
-async def _thread_when_visible(
-    client: httpx.AsyncClient, market: Market, tokens: dict
-) -> dict[str, Any]:
+async def _threads_when_visible(
+    client: httpx.AsyncClient, market: Market, tokens: dict, count: int
+) -> dict[str, dict[str, Any]]:
+    """The threads the caller sees, by name, once there are ``count`` of them."""
     deadline = time.monotonic() + 20
-    while not (threads := await _channels(client, market, tokens, "thread")):
-        assert time.monotonic() < deadline, "no thread"
+    while len(threads := await _channels(client, market, tokens, "thread")) < count:
+        assert time.monotonic() < deadline, threads
         await asyncio.sleep(0.05)
-    (thread,) = threads
-    return dict(thread)
+    return {t["name"]: dict(t) for t in threads}
 
 
 async def test_task_published_and_contract_awarded_post_system_messages(
@@ -66,32 +66,45 @@ async def test_task_published_and_contract_awarded_post_system_messages(
     assert note["system"] is True and note["sender_id"] == "system"
     assert task["id"] in note["text"] and market.requester_id in note["text"]
 
-    # no contract yet: no thread
-    assert await _channels(client, market, market.requester, "thread") == []
-    await contracted_vendor(client, market, task["id"], "sx", price=3, quota=5)
-    thread = await _thread_when_visible(client, market, market.requester)
+    # publishing opens the task's thread, the requester alone in it so far
+    threads = await _threads_when_visible(client, market, market.requester, 1)
+    thread = threads[f"task {task['id']}"]
     assert thread["kind"] == "thread" and thread["role"] == "admin" and thread["joined"]
-    (awarded,) = await _messages_until(client, market.requester, thread["id"], 1)
-    assert awarded["system"] and market.vendors["sx"] in awarded["text"]
+    assert await _channels(client, market, market.owners["sx"], "thread") == []
 
-    # the vendor's users are in it (firm-level membership) and post; nm is not, yet
+    # an award adds the vendor to the task's thread and opens the contract's own thread
+    first = await contracted_vendor(client, market, task["id"], "sx", price=3, quota=5)
+    threads = await _threads_when_visible(client, market, market.requester, 2)
+    contract_sx = threads[f"contract {first['id']}"]
+    published, awarded = await _messages_until(client, market.requester, thread["id"], 2)
+    assert published["system"] and task["id"] in published["text"]
+    assert awarded["system"] and market.vendors["sx"] in awarded["text"]
+    (own,) = await _messages_until(client, market.requester, contract_sx["id"], 1)
+    assert own["system"] and first["id"] in own["text"]
+
+    # the vendor's users are in both (firm-level membership) and post; nm is in neither
     annotator = market.annotators["sx"][0]
-    seen = await _thread_when_visible(client, market, annotator)
-    assert seen["id"] == thread["id"] and seen["role"] == "member"
+    seen = await _threads_when_visible(client, market, annotator, 2)
+    assert {t["id"] for t in seen.values()} == {thread["id"], contract_sx["id"]}
+    assert seen[f"task {task['id']}"]["role"] == "member"
     posted = await client.post(
         f"/v1/channels/{thread['id']}/messages",
         json={"text": "starting today"},
         headers=bearer(annotator),
     )
     assert posted.status_code == 201, posted.text
-    outsider = await client.get(f"/v1/channels/{thread['id']}", headers=bearer(market.owners["nm"]))
-    assert outsider.status_code == 404
+    for channel in (thread, contract_sx):
+        outsider = await client.get(
+            f"/v1/channels/{channel['id']}", headers=bearer(market.owners["nm"])
+        )
+        assert outsider.status_code == 404
     joined = await client.post(
         f"/v1/channels/{thread['id']}:join", headers=bearer(market.owners["nm"])
     )
     assert joined.status_code == 404
 
-    # a second award: same thread, nm's users now in it, one more system message
+    # a second award: nm joins the task's thread and gets a contract thread of its own,
+    # never sx's
     placed = await bid(client, market.owners["nm"], task["id"], 4)
     assert placed.status_code == 201, placed.text
     second = await client.post(
@@ -100,15 +113,28 @@ async def test_task_published_and_contract_awarded_post_system_messages(
         headers=bearer(market.requester),
     )
     assert second.status_code == 201, second.text
-    items = await _messages_until(client, market.requester, thread["id"], 3)
-    assert [(m["seq"], m["system"]) for m in items] == [(1, True), (2, False), (3, True)]
-    assert market.vendors["nm"] in items[2]["text"]
-    assert (await _thread_when_visible(client, market, market.owners["nm"]))["id"] == thread["id"]
+    items = await _messages_until(client, market.requester, thread["id"], 4)
+    assert [(m["seq"], m["system"]) for m in items] == [
+        (1, True),
+        (2, True),
+        (3, False),
+        (4, True),
+    ]
+    assert market.vendors["nm"] in items[3]["text"]
+    nm_sees = await _threads_when_visible(client, market, market.owners["nm"], 2)
+    assert set(nm_sees) == {f"task {task['id']}", f"contract {second.json()['id']}"}
     members = await client.get(
         f"/v1/channels/{thread['id']}/members", headers=bearer(market.requester)
     )
     firms = {m["firm_id"] for m in members.json()["items"]}
     assert firms == {market.requester_id, market.vendors["sx"], market.vendors["nm"]}
+    members = await client.get(
+        f"/v1/channels/{contract_sx['id']}/members", headers=bearer(market.requester)
+    )
+    assert {m["firm_id"] for m in members.json()["items"]} == {
+        market.requester_id,
+        market.vendors["sx"],
+    }
 
     # system messages are nobody's conversation: only the annotator's post is an event
     async with gateway.apps["messaging"].state.db.sessionmaker() as session:

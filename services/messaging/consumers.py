@@ -10,8 +10,9 @@ announced after commit to every replica's fan-out (``access_changed``), which cl
 the subscriptions it ends at once instead of at the next message.
 
 System messages come from the marketplace's events (consumer ``messaging-system``):
-``task.published`` posts in the cluster's general channel; ``contract.awarded`` opens
-the task's thread on first need (the requester firm in it) and adds the vendor firm,
+``task.published`` posts in the cluster's general channel and opens the task's thread
+(the requester firm in it); ``contract.awarded`` adds the vendor firm to the task's
+thread and opens the contract's own thread (the requester and that vendor only),
 then posts there. Thread membership is by firm: every active user of those firms.
 """
 
@@ -92,6 +93,10 @@ async def apply_system(session: AsyncSession, envelope: Envelope) -> None:
             f"({payload.allocation} allocation)."
         )
         await service.post_system_message(session, general.id, text, key=key)
+        thread = await service.ensure_task_thread(
+            session, payload.cluster_id, payload.task_id, payload.requester_firm_id
+        )
+        await service.post_system_message(session, thread.id, text, key=f"{key}:thread")
     elif isinstance(payload, ContractAwardedV1):
         thread = await service.ensure_task_thread(
             session, payload.cluster_id, payload.task_id, payload.requester_firm_id
@@ -103,6 +108,11 @@ async def apply_system(session: AsyncSession, envelope: Envelope) -> None:
             f"{payload.price_per_annotation} per annotation."
         )
         await service.post_system_message(session, thread.id, text, key=key)
+        own = await service.ensure_contract_thread(
+            session, payload.cluster_id, payload.contract_id, payload.requester_firm_id
+        )
+        await service.add_thread_firm(session, own, payload.vendor_firm_id, "vendor")
+        await service.post_system_message(session, own.id, text, key=f"{key}:contract")
 
 
 async def apply_event(session: AsyncSession, envelope: Envelope) -> None:

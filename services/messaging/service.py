@@ -983,7 +983,24 @@ async def ensure_task_thread(
     session: AsyncSession, cluster_id: str, task_id: str, requester_firm_id: str
 ) -> Channel:
     """A task's thread, created on first need with the requester firm in it."""
-    key = f"task:{task_id}"
+    return await ensure_thread(
+        session, cluster_id, f"task:{task_id}", f"task {task_id}", requester_firm_id
+    )
+
+
+async def ensure_contract_thread(
+    session: AsyncSession, cluster_id: str, contract_id: str, requester_firm_id: str
+) -> Channel:
+    """A contract's own thread: the requester and that one vendor, nobody else."""
+    return await ensure_thread(
+        session, cluster_id, f"contract:{contract_id}", f"contract {contract_id}", requester_firm_id
+    )
+
+
+async def ensure_thread(
+    session: AsyncSession, cluster_id: str, key: str, name: str, requester_firm_id: str
+) -> Channel:
+    """The thread known by ``key`` in the cluster, created with the requester firm in it."""
     channel = (
         await session.execute(
             select(Channel).where(Channel.cluster_id == cluster_id, Channel.direct_key == key)
@@ -994,7 +1011,7 @@ async def ensure_task_thread(
             id=new_id("chan"),
             cluster_id=cluster_id,
             kind="thread",
-            name=f"task {task_id}"[:80],
+            name=name[:80],
             direct_key=key,
         )
         session.add(channel)
