@@ -68,6 +68,24 @@ def frame(kind: str, **fields: Any) -> dict[str, Any]:
     return {"v": 1, "type": kind, **fields}
 
 
+class SharedFrame(dict[str, Any]):
+    """A frame fanned out to many sockets: encoded to JSON once, by the first writer."""
+
+    _text: str | None = None
+
+    def encoded(self) -> str:
+        if self._text is None:
+            self._text = json.dumps(self, separators=(",", ":"))
+        return self._text
+
+
+def encode(payload: dict[str, Any]) -> str:
+    """The JSON text of a frame (a shared frame's cached one)."""
+    if isinstance(payload, SharedFrame):
+        return payload.encoded()
+    return json.dumps(payload, separators=(",", ":"))
+
+
 @dataclass(eq=False)
 class Subscription:
     conn: Connection
@@ -424,18 +442,18 @@ class Hub:
 
     def deliver(self, note: dict[str, Any]) -> None:
         if note.get("k") == "e":
-            payload = note["frame"]
+            payload = SharedFrame(note["frame"])
             for sub in list(self.by_channel.get(payload["channel_id"], ())):
                 sub.offer(int(payload["seq"]), payload)
         elif note.get("k") == "a":
             self._spawn(self._recheck(note["scope"]))
         elif note.get("k") == "p":
-            payload = note["frame"]
+            payload = SharedFrame(note["frame"])
             for conn in list(self.connections):
                 if any(s.cluster_id == payload["cluster_id"] for s in conn.subs.values()):
                     conn.push(payload)
         elif note.get("k") == "t":
-            payload = note["frame"]
+            payload = SharedFrame(note["frame"])
             for sub in list(self.by_channel.get(payload["channel_id"], ())):
                 if sub.conn.caller.user_id != payload["user_id"]:
                     sub.conn.push(payload)

@@ -46,6 +46,7 @@ from services.messaging.fanout import (
     CLOSE_UNAUTHENTICATED,
     Connection,
     Hub,
+    encode,
     frame,
 )
 from services.messaging.schemas import MessageCreate, MessageUpdate
@@ -194,9 +195,10 @@ async def _write(websocket: WebSocket, conn: Connection) -> None:
     try:
         while True:
             payload = await conn.queue.get()
-            text = json.dumps(payload, separators=(",", ":"))
+            text = encode(payload)  # once per fan-out, not once per subscriber
             try:
-                await asyncio.wait_for(websocket.send_text(text), timeout)
+                async with asyncio.timeout(timeout):  # no task per frame, unlike wait_for
+                    await websocket.send_text(text)
             except TimeoutError:
                 conn.fail(CLOSE_SLOW_CONSUMER, "slow consumer")
                 return
