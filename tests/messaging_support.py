@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.marketplace_support import add_member, join, owner_of, vendor_profile
 from tests.oauth_flow import bearer
-from tests.served import ROOT, free_port
+from tests.served import served_process
 
 
 async def settle(gateway: Any, timeout: float = 15.0) -> None:
@@ -152,53 +150,21 @@ def replica(
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A served platform (``onecluster serve``) and its process handle, stopped on exit.
 
-    Several replicas share the test's PostgreSQL and Redis; each has its own log file.
+    Several replicas share the test's PostgreSQL and Redis (and one token issuer); each
+    has its own log file.
     """
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ONECLUSTER_")}
-    env.update(
-        {
-            "ONECLUSTER_ENV": "test",
-            "ONECLUSTER_SECRET_KEY": "served-test-secret",
-            "ONECLUSTER_REDIS_PREFIX": redis_prefix,
-            "ONECLUSTER_PUBLIC_URL": "http://127.0.0.1:1",  # one issuer for every replica
-            "ONECLUSTER_WEB_REDIRECT_URIS": '["http://testserver/cb"]',
-            "ONECLUSTER_RATE_LIMIT_PER_MINUTE": "100000",
-            "ONECLUSTER_FIRM_RATE_LIMIT_PER_MINUTE": "100000",
-            "ONECLUSTER_MESSAGING_SEND_RATE_PER_MINUTE": "100000",
-        }
-    )
-    if database_url:
-        env["ONECLUSTER_DATABASE_URL"] = database_url
-    if os.environ.get("ONECLUSTER_TEST_REDIS_URL"):
-        env["ONECLUSTER_REDIS_URL"] = os.environ["ONECLUSTER_TEST_REDIS_URL"]
-    env.update(extra_env or {})
-    log = tmp_path / f"{name}.log"
-    command = [sys.executable, "-m", "api.cli", "serve", "--port", str(port)]
-    command += ["--data-dir", str(tmp_path / "var")]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise AssertionError("server did not become ready:\n" + log.read_text()[-3000:])
-        yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    env = {
+        "ONECLUSTER_PUBLIC_URL": "http://127.0.0.1:1",  # one issuer for every replica
+        "ONECLUSTER_WEB_REDIRECT_URIS": '["http://testserver/cb"]',
+        "ONECLUSTER_RATE_LIMIT_PER_MINUTE": "100000",
+        "ONECLUSTER_FIRM_RATE_LIMIT_PER_MINUTE": "100000",
+        "ONECLUSTER_MESSAGING_SEND_RATE_PER_MINUTE": "100000",
+        **(extra_env or {}),
+    }
+    with served_process(
+        tmp_path, database_url, redis_prefix, env, name=name, ready_within=180
+    ) as served:
+        yield served
 
 
 async def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

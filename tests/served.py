@@ -45,8 +45,12 @@ def served_process(
     redis_prefix: str,
     extra_env: dict[str, str] | None = None,
     target: str = "all",
+    *,
+    name: str = "server",
+    ready_within: float = 60,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Like :func:`serve_platform` for one ``target``, also handing out the process."""
+    """Like :func:`serve_platform` for one ``target``, also handing out the process
+    (which the test may signal or kill itself); its output goes to ``<name>.log``."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONECLUSTER_")}
     env.update(
@@ -61,14 +65,14 @@ def served_process(
     if os.environ.get("ONECLUSTER_TEST_REDIS_URL"):
         env["ONECLUSTER_REDIS_URL"] = os.environ["ONECLUSTER_TEST_REDIS_URL"]
     env.update(extra_env or {})
-    log = tmp_path / "server.log"
+    log = tmp_path / f"{name}.log"
     command = [sys.executable, "-m", "api.cli", "serve", target, "--port", str(port)]
     command += ["--data-dir", str(tmp_path / "var")]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + ready_within
         while time.monotonic() < deadline:
             assert proc.poll() is None, log.read_text()[-3000:]
             try:
@@ -80,7 +84,8 @@ def served_process(
             raise AssertionError("server did not become ready:\n" + log.read_text()[-3000:])
         yield base, proc
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
