@@ -93,10 +93,23 @@ class Task(MarketplaceBase, table=True):
     created_at: datetime = _created()
     updated_at: datetime = _created()
     published_at: datetime | None = _ts(default=None)
-    first_claimed_at: datetime | None = _ts(default=None)
     closed_at: datetime | None = _ts(default=None)
     escrow_outstanding: int = Field(default=0, sa_type=sa.BigInteger)
     """Credits of this task still held in the requester's escrow (see ``ledger.py``)."""
+
+
+class TaskFirstClaim(MarketplaceBase, table=True):
+    """When a task's first item was claimed, and by which firm (one row per task).
+
+    A table of its own rather than a column of ``tasks``: claims lock items, and
+    updating the task row under those locks would wait on (and deadlock with) the
+    submits, imports and closes that lock the task row before its items.
+    """
+
+    __tablename__ = "task_first_claims"
+    task_id: str = Field(primary_key=True, max_length=40)
+    claimer_firm_id: str = Field(max_length=40)
+    claimed_at: datetime = _ts()
 
 
 class Item(MarketplaceBase, table=True):

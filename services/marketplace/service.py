@@ -23,6 +23,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
@@ -51,6 +53,7 @@ from services.marketplace.models import (
     KnownFirmMember,
     MarketplaceOutbox,
     Task,
+    TaskFirstClaim,
 )
 from services.marketplace.schemas import MAX_ITEMS_PER_IMPORT, Eligibility, ItemIn
 
@@ -532,10 +535,15 @@ async def claim_assignments(
     gold_leased = sum(1 for a, _ in claimed if a.gold)
     count_on_commit(session, ASSIGNMENTS_CLAIMED.labels("true"), gold_leased)
     count_on_commit(session, ASSIGNMENTS_CLAIMED.labels("false"), len(claimed) - gold_leased)
-    if claimed and task.first_claimed_at is None:
+    if claimed and task.id not in _FIRST_CLAIMED:
         await _mark_first_claim(session, task, principal, now)
     await session.flush()
     return claimed
+
+
+_FIRST_CLAIMED: set[str] = set()
+"""Tasks this process knows were claimed before: their claims skip the insert below."""
+_FIRST_CLAIMED_MAX = 100_000
 
 
 async def _mark_first_claim(
@@ -543,17 +551,20 @@ async def _mark_first_claim(
 ) -> None:
     """Record the task's first claim once and tell metrics (time to first claim).
 
-    A conditional ``UPDATE … WHERE first_claimed_at IS NULL``: of concurrent first
-    claimers exactly one changes the row and emits the event. Later claims see the
-    column set and never touch the task row.
+    ``INSERT … ON CONFLICT DO NOTHING`` into ``task_first_claims``: of concurrent first
+    claimers exactly one inserts the row and emits the event; it touches no row that
+    a submit, import or close locks, so it cannot join a deadlock with them.
     """
-    changed = await session.execute(
-        sa.update(Task)
-        .where(col(Task.id) == task.id, col(Task.first_claimed_at).is_(None))
-        .values(first_claimed_at=now)
-        .execution_options(synchronize_session=False)
+    values = {"task_id": task.id, "claimer_firm_id": principal.firm_id or "", "claimed_at": now}
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    inserted = await session.execute(
+        insert(TaskFirstClaim).values(**values).on_conflict_do_nothing(index_elements=["task_id"])
     )
-    if changed.rowcount != 1:  # type: ignore[attr-defined]
+    if inserted.rowcount != 1:  # type: ignore[attr-defined]
+        # Another claim's row is committed: remember it (never before the commit).
+        if len(_FIRST_CLAIMED) >= _FIRST_CLAIMED_MAX:
+            _FIRST_CLAIMED.clear()
+        _FIRST_CLAIMED.add(task.id)
         return
     emit(
         session,

@@ -1,4 +1,4 @@
-"""tasks: when the first item was claimed
+"""task_first_claims: when a task's first item was claimed
 
 Revision ID: 0007
 Revises: 0006
@@ -8,6 +8,7 @@ Create Date: 2026-11-26 15:50:00
 from collections.abc import Sequence
 
 import sqlalchemy as sa
+import sqlmodel
 from alembic import op
 
 import services.kit.db
@@ -19,12 +20,14 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("tasks", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("first_claimed_at", services.kit.db.UTCDateTime(timezone=True), nullable=True)
-        )
+    op.create_table(
+        "task_first_claims",
+        sa.Column("task_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
+        sa.Column("claimer_firm_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
+        sa.Column("claimed_at", services.kit.db.UTCDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("task_id"),
+    )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("tasks", schema=None) as batch_op:
-        batch_op.drop_column("first_claimed_at")
+    op.drop_table("task_first_claims")
