@@ -250,7 +250,7 @@ async def test_concurrent_annotators_finish_every_item_exactly(
         vendors={"sx": "CN-SX", "nm": "CN-NM", "he": "CN-HE"},
         annotators_per_vendor=4,
     )
-    task = await open_task(client, market, items=items, overlap=overlap, lease_seconds=2)
+    task = await open_task(client, market, items=items, overlap=overlap, lease_seconds=3)
     tid = task["id"]
     everyone = [t for tokens in market.annotators.values() for t in tokens]
     rng = random.Random(7)
@@ -278,8 +278,14 @@ async def test_concurrent_annotators_finish_every_item_exactly(
                         json={"assignment_ids": [a["assignment_id"] for a in leases]},
                         headers=bearer(tokens),
                     )
-                    assert released.status_code == 200, released.text
-                    abandoned["released"] += len(leases)
+                    # On a busy machine the lease may run out first: the item is free
+                    # again either way, and releasing it is a 409 ``expired``.
+                    if released.status_code == 409:
+                        assert released.json()["state"] == "expired", released.text
+                        abandoned["ran out"] += len(leases)
+                    else:
+                        assert released.status_code == 200, released.text
+                        abandoned["released"] += len(leases)
                 continue
             done = await submit(client, tokens, tid, [(a["assignment_id"], GOOD) for a in leases])
             # A lease may run out while the server is busy: that answer is refused (409)
@@ -290,7 +296,7 @@ async def test_concurrent_annotators_finish_every_item_exactly(
         *(annotate(tokens, abandoner=i % 3 == 0) for i, tokens in enumerate(everyone))
     )
     assert await _finished(gateway, tid, items), "work left undone"
-    assert abandoned["silent"] and abandoned["released"]
+    assert abandoned["silent"] and (abandoned["released"] or abandoned["ran out"])
 
     submitted = await _rows(
         gateway,

@@ -406,7 +406,7 @@ async def accept_due(session: AsyncSession, now: datetime, limit: int) -> int:
             .where(Assignment.status == "submitted", col(Assignment.review_due_at) <= now)
             .order_by(col(Assignment.review_due_at))
             .limit(limit)
-            .with_for_update(skip_locked=True, of=[Assignment, Task])
+            .with_for_update(skip_locked=True, of=[Assignment, Task], key_share=True)
             .execution_options(populate_existing=True)
         )
     ).all()

@@ -149,7 +149,10 @@ async def task_access(
         .where(col(Task.id) == task_id)
     )
     if lock:
-        query = query.with_for_update(of=Task)
+        # FOR NO KEY UPDATE: a claim inserting an assignment holds FOR KEY SHARE on the
+        # task (the foreign key) while it holds item locks; FOR UPDATE here would wait
+        # on it while waiting for those items itself, a deadlock.
+        query = query.with_for_update(of=Task, key_share=True)
     found = (await session.execute(query)).one_or_none()
     if found is None:
         raise NotFound("No task with this id.")
