@@ -8,8 +8,13 @@ fresh PostgreSQL database cloned from a migrated template; with
 
 from __future__ import annotations
 
+import asyncio
+import faulthandler
+import gc
 import os
 import secrets
+import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,59 @@ REDIS_URL = os.environ.get("ONECLUSTER_TEST_REDIS_URL")
 
 requires_postgres = pytest.mark.skipif(not PG_URL, reason="needs ONECLUSTER_TEST_DATABASE_URL")
 requires_redis = pytest.mark.skipif(not REDIS_URL, reason="needs ONECLUSTER_TEST_REDIS_URL")
+
+
+# -- hang diagnostics ----------------------------------------------------------------
+# pytest-timeout (``timeout`` in pyproject.toml) fails a test that runs too long. Shortly
+# before, this watchdog prints what every thread and every asyncio task is waiting on, so
+# a hang in CI says where it hangs rather than only that it did.
+HANG_REPORT_MARGIN = 30.0
+
+
+def _dump_asyncio_tasks() -> None:
+    loops = [
+        o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop) and o.is_running()
+    ]
+    for loop in loops:
+        for _ in range(3):  # the set of tasks may change under us: try again
+            try:
+                tasks = list(asyncio.all_tasks(loop))
+                break
+            except RuntimeError:
+                continue
+        else:
+            continue
+        print(f"--- {len(tasks)} asyncio tasks of {loop!r}", file=sys.stderr)
+        for task in tasks:
+            try:
+                task.print_stack(limit=12, file=sys.stderr)
+            except Exception as error:  # a task finishing under us
+                print(f"{task!r}: {error!r}", file=sys.stderr)
+
+
+def _report_hang(nodeid: str) -> None:
+    print(f"\n=== {nodeid} is still running: stacks follow ===", file=sys.stderr)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    _dump_asyncio_tasks()
+    sys.stderr.flush()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    limit = float(item.config.getini("timeout") or 0)
+    marker = item.get_closest_marker("timeout")
+    if marker and marker.args:
+        limit = float(marker.args[0])
+    watchdog = None
+    if limit > HANG_REPORT_MARGIN:
+        watchdog = threading.Timer(limit - HANG_REPORT_MARGIN, _report_hang, (item.nodeid,))
+        watchdog.daemon = True
+        watchdog.start()
+    try:
+        yield
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
 
 
 class PostgresDatabases:
