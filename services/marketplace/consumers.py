@@ -3,17 +3,16 @@
 Membership's events are the only source. Each is applied once per consumer
 (``consume_once`` records its id with the change); a row keeps the id of the event
 that last wrote it, and an older event arriving late is ignored, so at-least-once and
-out-of-order delivery both converge on membership's latest state.
+out-of-order delivery both converge on membership's latest state (the rule and its
+helpers: ``services.kit.readmodel``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import select
 
 from api.events import (
     ClusterCreatedV1,
@@ -31,6 +30,7 @@ from api.events import (
 )
 from services.kit.db import Database
 from services.kit.outbox import consume_once
+from services.kit.readmodel import deactivate_user_memberships, upsert_if_newer
 from services.marketplace.models import (
     KnownCluster,
     KnownClusterMember,
@@ -74,50 +74,42 @@ async def apply_event(session: AsyncSession, envelope: Envelope) -> None:
     if isinstance(payload, FirmRegisteredV1 | FirmUpdatedV1):
         await _upsert_firm(session, payload, event_id)
     elif isinstance(payload, FirmMemberAddedV1 | FirmMemberRoleChangedV1):
-        await _upsert(
+        await upsert_if_newer(
             session,
             KnownFirmMember,
             (payload.firm_id, payload.user_id),
             event_id,
-            role=payload.role,
-            active=True,
+            {"role": payload.role, "active": True},
         )
     elif isinstance(payload, FirmMemberRemovedV1):
-        await _upsert(
+        await upsert_if_newer(
             session,
             KnownFirmMember,
             (payload.firm_id, payload.user_id),
             event_id,
-            role="member",
-            active=False,
+            {"role": "member", "active": False},
             keep=("role",),
         )
     elif isinstance(payload, ClusterMemberJoinedV1 | ClusterMemberLeftV1):
         await _upsert_firm(session, payload, event_id)
-        await _upsert(
+        await upsert_if_newer(
             session,
             KnownClusterMember,
             (payload.cluster_id, payload.firm_id),
             event_id,
-            active=isinstance(payload, ClusterMemberJoinedV1),
+            {"active": isinstance(payload, ClusterMemberJoinedV1)},
         )
     elif isinstance(payload, ClusterCreatedV1):
         # The operator firm issues the cluster's credits (ledger grants).
-        await _upsert(
+        await upsert_if_newer(
             session,
             KnownCluster,
             payload.cluster_id,
             event_id,
-            operator_firm_id=payload.operator_firm_id,
+            {"operator_firm_id": payload.operator_firm_id},
         )
     elif isinstance(payload, UserDeactivatedV1):
-        rows = await session.execute(
-            select(KnownFirmMember).where(KnownFirmMember.user_id == payload.user_id)
-        )
-        for member in rows.scalars():
-            if member.event_id < event_id:
-                member.active = False
-                member.event_id = event_id
+        await deactivate_user_memberships(session, KnownFirmMember, payload.user_id, event_id)
     await session.flush()
 
 
@@ -125,44 +117,17 @@ async def _upsert_firm(
     session: AsyncSession, payload: FirmProfile | ClusterMembership, event_id: str
 ) -> None:
     name = payload.name if isinstance(payload, FirmProfile) else None
-    await _upsert(
+    await upsert_if_newer(
         session,
         KnownFirm,
         payload.firm_id,
         event_id,
-        name=name or "",
-        region=payload.region,
-        city=payload.city,
-        actor_type=payload.actor_type,
-        industries=list(payload.industries),
+        {
+            "name": name or "",
+            "region": payload.region,
+            "city": payload.city,
+            "actor_type": payload.actor_type,
+            "industries": list(payload.industries),
+        },
         keep=() if name else ("name",),
     )
-
-
-async def _upsert(
-    session: AsyncSession,
-    model: Any,
-    key: Any,
-    event_id: str,
-    keep: tuple[str, ...] = (),
-    **values: Any,
-) -> None:
-    """Insert the row, or update it unless a newer event already wrote it.
-
-    ``keep`` names columns an event does not know: they are set on insert only.
-    """
-    row = await session.get(model, key, with_for_update=True)
-    if row is None:
-        keys = dict(zip(_pk_names(model), key if isinstance(key, tuple) else (key,), strict=True))
-        session.add(model(**keys, **values, event_id=event_id))
-        return
-    if row.event_id >= event_id:
-        return
-    for name, value in values.items():
-        if name not in keep:
-            setattr(row, name, value)
-    row.event_id = event_id
-
-
-def _pk_names(model: Any) -> list[str]:
-    return [column.name for column in model.__table__.primary_key.columns]

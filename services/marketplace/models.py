@@ -19,6 +19,7 @@ from sqlmodel import JSON, Field, SQLModel
 from services.kit.db import UTCDateTime, utcnow
 from services.kit.idempotency import IdempotencyFields
 from services.kit.outbox import OutboxFields, ProcessedEventFields
+from services.kit.readmodel import KnownClusterMemberFields, KnownFirmFields, KnownFirmMemberFields
 
 
 class MarketplaceBase(SQLModel, registry=registry()):
@@ -34,32 +35,16 @@ def _created() -> Any:
 
 
 # -- read model (from membership events) ---------------------------------------------
-class KnownFirm(MarketplaceBase, table=True):
+class KnownFirm(KnownFirmFields, MarketplaceBase, table=True):
     __tablename__ = "firms"
-    id: str = Field(primary_key=True, max_length=40)
-    name: str = Field(max_length=200)
-    region: str = Field(max_length=10)
-    city: str = Field(max_length=120)
-    actor_type: str = Field(max_length=40)
-    industries: list[str] = Field(default_factory=list, sa_type=JSON)
-    event_id: str = Field(max_length=40)
 
 
-class KnownFirmMember(MarketplaceBase, table=True):
+class KnownFirmMember(KnownFirmMemberFields, MarketplaceBase, table=True):
     __tablename__ = "firm_members"
-    firm_id: str = Field(primary_key=True, max_length=40)
-    user_id: str = Field(primary_key=True, max_length=40, index=True)
-    role: str = Field(max_length=16)
-    active: bool = True
-    event_id: str = Field(max_length=40)
 
 
-class KnownClusterMember(MarketplaceBase, table=True):
+class KnownClusterMember(KnownClusterMemberFields, MarketplaceBase, table=True):
     __tablename__ = "cluster_members"
-    cluster_id: str = Field(primary_key=True, max_length=40)
-    firm_id: str = Field(primary_key=True, max_length=40, index=True)
-    active: bool = True
-    event_id: str = Field(max_length=40)
 
 
 # -- tasks ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Membership's events are the only source, applied once per consumer (``consume_once``);
 each row keeps the id of the event that last wrote it and ignores older ones, so
-redelivery and out-of-order delivery converge (as in the marketplace).
+redelivery and out-of-order delivery converge (``services.kit.readmodel``).
 
 ``cluster.created`` also opens the cluster's general channel. A change that can take
 access away (a firm left the cluster, a user left a firm or was deactivated) is
@@ -19,11 +19,9 @@ then posts there. Thread membership is by firm: every active user of those firms
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import select
 
 from api.events import (
     ClusterCreatedV1,
@@ -39,6 +37,7 @@ from api.events import (
 )
 from services.kit.db import Database
 from services.kit.outbox import consume_once
+from services.kit.readmodel import deactivate_user_memberships, upsert_if_newer
 from services.messaging import service
 from services.messaging.models import (
     KnownCluster,
@@ -124,84 +123,46 @@ async def apply_event(session: AsyncSession, envelope: Envelope) -> None:
         return
     event_id = envelope.id
     if isinstance(payload, ClusterCreatedV1):
-        await _upsert(
+        await upsert_if_newer(
             session,
             KnownCluster,
             payload.cluster_id,
             event_id,
-            name=payload.name,
-            operator_firm_id=payload.operator_firm_id,
+            {"name": payload.name, "operator_firm_id": payload.operator_firm_id},
         )
         await service.ensure_general_channel(session, payload.cluster_id)
     elif isinstance(payload, FirmMemberAddedV1 | FirmMemberRoleChangedV1):
-        await _upsert(
+        await upsert_if_newer(
             session,
             KnownFirmMember,
             (payload.firm_id, payload.user_id),
             event_id,
-            role=payload.role,
-            active=True,
+            {"role": payload.role, "active": True},
         )
     elif isinstance(payload, FirmMemberRemovedV1):
-        await _upsert(
+        await upsert_if_newer(
             session,
             KnownFirmMember,
             (payload.firm_id, payload.user_id),
             event_id,
-            role="member",
-            active=False,
+            {"role": "member", "active": False},
             keep=("role",),
         )
         service.announce_access_change(session, firm_id=payload.firm_id, user_id=payload.user_id)
     elif isinstance(payload, ClusterMemberJoinedV1 | ClusterMemberLeftV1):
         joined = isinstance(payload, ClusterMemberJoinedV1)
-        await _upsert(
+        await upsert_if_newer(
             session,
             KnownClusterMember,
             (payload.cluster_id, payload.firm_id),
             event_id,
-            active=joined,
+            {"active": joined},
         )
         if not joined:
             service.announce_access_change(
                 session, cluster_id=payload.cluster_id, firm_id=payload.firm_id
             )
     elif isinstance(payload, UserDeactivatedV1):
-        rows = await session.execute(
-            select(KnownFirmMember).where(KnownFirmMember.user_id == payload.user_id)
-        )
-        for member in rows.scalars():
-            if member.event_id < event_id:
-                member.active = False
-                member.event_id = event_id
+        await deactivate_user_memberships(session, KnownFirmMember, payload.user_id, event_id)
         service.announce_access_change(session, user_id=payload.user_id)
     await session.flush()
-
-
-async def _upsert(
-    session: AsyncSession,
-    model: Any,
-    key: Any,
-    event_id: str,
-    keep: tuple[str, ...] = (),
-    **values: Any,
-) -> None:
-    """Insert the row, or update it unless a newer event already wrote it.
-
-    ``keep`` names columns an event does not know: they are set on insert only.
-    """
-    row = await session.get(model, key, with_for_update=True)
-    if row is None:
-        keys = dict(zip(_pk_names(model), key if isinstance(key, tuple) else (key,), strict=True))
-        session.add(model(**keys, **values, event_id=event_id))
-        return
-    if row.event_id >= event_id:
-        return
-    for name, value in values.items():
-        if name not in keep:
-            setattr(row, name, value)
-    row.event_id = event_id
-
-
-def _pk_names(model: Any) -> list[str]:
-    return [column.name for column in model.__table__.primary_key.columns]

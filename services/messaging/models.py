@@ -22,6 +22,7 @@ from sqlmodel import JSON, Field, SQLModel
 from services.kit.db import UTCDateTime, utcnow
 from services.kit.idempotency import IdempotencyFields
 from services.kit.outbox import OutboxFields, ProcessedEventFields
+from services.kit.readmodel import KnownClusterMemberFields, KnownFirmMemberFields
 
 
 class MessagingBase(SQLModel, registry=registry()):
@@ -45,21 +46,12 @@ class KnownCluster(MessagingBase, table=True):
     event_id: str = Field(max_length=40)
 
 
-class KnownClusterMember(MessagingBase, table=True):
+class KnownClusterMember(KnownClusterMemberFields, MessagingBase, table=True):
     __tablename__ = "cluster_members"
-    cluster_id: str = Field(primary_key=True, max_length=40)
-    firm_id: str = Field(primary_key=True, max_length=40, index=True)
-    active: bool = True
-    event_id: str = Field(max_length=40)
 
 
-class KnownFirmMember(MessagingBase, table=True):
+class KnownFirmMember(KnownFirmMemberFields, MessagingBase, table=True):
     __tablename__ = "firm_members"
-    firm_id: str = Field(primary_key=True, max_length=40)
-    user_id: str = Field(primary_key=True, max_length=40, index=True)
-    role: str = Field(max_length=16)
-    active: bool = True
-    event_id: str = Field(max_length=40)
 
 
 # -- channels ------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The fact store's only writer besides the history import: events of every service.
 
 Each event is applied once (``consume_once`` records its id with the change). Read-model
-rows keep the id of the event that last wrote them and ignore older ones; daily
+rows keep the id of the event that last wrote them and ignore older ones
+(``services.kit.readmodel``); daily
 aggregates grow by one upsert per event (``INSERT … ON CONFLICT DO UPDATE``, on SQLite
 and PostgreSQL alike), so an event costs a handful of row writes and nothing is
 recomputed. Facts are dated by the event's ``occurred_at``, which is why replaying the
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col, select
+from sqlmodel import col
 
 from api.events import (
     AssignmentSubmittedV1,
@@ -47,6 +48,7 @@ from api.events import (
 )
 from services.kit.db import Database
 from services.kit.outbox import consume_once
+from services.kit.readmodel import deactivate_user_memberships, upsert_if_newer
 from services.metrics.config import load_config
 from services.metrics.models import (
     ChannelPosts,
@@ -115,23 +117,19 @@ async def apply_event(session: AsyncSession, envelope: Envelope) -> None:
     elif isinstance(payload, FirmMemberAddedV1 | FirmMemberRoleChangedV1 | FirmMemberRemovedV1):
         active = not isinstance(payload, FirmMemberRemovedV1)
         role = getattr(payload, "role", "member")
-        await _guarded(
+        await upsert_if_newer(
             session,
             FirmMember,
             (payload.firm_id, payload.user_id),
             eid,
             {"role": role, "active": active},
             keep=() if active else ("role",),
+            flush=True,
         )
     elif isinstance(payload, UserDeactivatedV1):
-        rows = await session.execute(
-            select(FirmMember).where(FirmMember.user_id == payload.user_id)
-        )
-        for member in rows.scalars():
-            if member.event_id < eid:
-                member.active, member.event_id = False, eid
+        await deactivate_user_memberships(session, FirmMember, payload.user_id, eid)
     elif isinstance(payload, ClusterCreatedV1):
-        await _guarded(
+        await upsert_if_newer(
             session,
             Cluster,
             payload.cluster_id,
@@ -142,6 +140,7 @@ async def apply_event(session: AsyncSession, envelope: Envelope) -> None:
                 "operator_firm_id": payload.operator_firm_id,
                 "created_at": at,
             },
+            flush=True,
         )
     elif isinstance(payload, ClusterMemberJoinedV1 | ClusterMemberLeftV1):
         await _upsert_firm(session, payload, eid)
@@ -150,16 +149,17 @@ async def apply_event(session: AsyncSession, envelope: Envelope) -> None:
         if isinstance(payload, ClusterMemberJoinedV1):
             values["park_id"] = payload.park_id
         # A rejoin keeps the first ``joined_at``; only a first join sets it.
-        await _guarded(
+        await upsert_if_newer(
             session,
             Membership,
             (payload.cluster_id, payload.firm_id),
             eid,
             values,
             keep=("joined_at",),
+            flush=True,
         )
     elif isinstance(payload, ParkUpdatedV1):
-        await _guarded(
+        await upsert_if_newer(
             session,
             Park,
             payload.park_id,
@@ -171,6 +171,7 @@ async def apply_event(session: AsyncSession, envelope: Envelope) -> None:
                 "capacity": payload.capacity,
                 "located_firm_ids": list(payload.located_firm_ids),
             },
+            flush=True,
         )
     elif isinstance(payload, TaskPublishedV1):
         await _insert_ignore(
@@ -401,7 +402,7 @@ async def _upsert_firm(
     session: AsyncSession, payload: FirmProfile | ClusterMembership, event_id: str
 ) -> None:
     name = payload.name if isinstance(payload, FirmProfile) else None
-    await _guarded(
+    await upsert_if_newer(
         session,
         Firm,
         payload.firm_id,
@@ -414,31 +415,5 @@ async def _upsert_firm(
             "industries": list(payload.industries),
         },
         keep=() if name else ("name",),
+        flush=True,
     )
-
-
-async def _guarded(
-    session: AsyncSession,
-    model: Any,
-    key: Any,
-    event_id: str,
-    values: dict[str, Any],
-    keep: tuple[str, ...] = (),
-) -> None:
-    """Insert the row, or update it unless a newer event already wrote it.
-
-    ``keep`` names columns set on insert only.
-    """
-    row = await session.get(model, key, with_for_update=True)
-    if row is None:
-        names = [c.name for c in model.__table__.primary_key.columns]
-        keys = dict(zip(names, key if isinstance(key, tuple) else (key,), strict=True))
-        session.add(model(**keys, **values, event_id=event_id))
-        await session.flush()
-        return
-    if row.event_id >= event_id:
-        return
-    for name, value in values.items():
-        if name not in keep:
-            setattr(row, name, value)
-    row.event_id = event_id

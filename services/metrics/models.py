@@ -22,6 +22,7 @@ from sqlmodel import JSON, Field, SQLModel
 from services.kit.db import UTCDateTime, utcnow
 from services.kit.idempotency import IdempotencyFields
 from services.kit.outbox import OutboxFields, ProcessedEventFields
+from services.kit.readmodel import KnownFirmFields, KnownFirmMemberFields
 
 
 class MetricsBase(SQLModel, registry=registry()):
@@ -33,24 +34,12 @@ def _ts(**kw: Any) -> Any:
 
 
 # -- read model of membership --------------------------------------------------------
-class Firm(MetricsBase, table=True):
+class Firm(KnownFirmFields, MetricsBase, table=True):
     __tablename__ = "firms"
-    id: str = Field(primary_key=True, max_length=40)
-    name: str = Field(max_length=200)
-    region: str = Field(max_length=10)
-    city: str = Field(max_length=120)
-    actor_type: str = Field(max_length=40)
-    industries: list[str] = Field(default_factory=list, sa_type=JSON)
-    event_id: str = Field(max_length=40)
 
 
-class FirmMember(MetricsBase, table=True):
+class FirmMember(KnownFirmMemberFields, MetricsBase, table=True):
     __tablename__ = "firm_members"
-    firm_id: str = Field(primary_key=True, max_length=40)
-    user_id: str = Field(primary_key=True, max_length=40, index=True)
-    role: str = Field(max_length=16)
-    active: bool = True
-    event_id: str = Field(max_length=40)
 
 
 class Cluster(MetricsBase, table=True):
