@@ -80,9 +80,16 @@ async def run_workload(w: Workload, *, tasks: int, starting_credits: int) -> Non
         w.task_ids.append(tid)
     annotators = [t for tokens in market.annotators.values() for t in tokens]
     short = asyncio.Event()  # a publish was refused for want of credits
+    annotated = asyncio.Event()  # every annotator has done its rounds
     reviewed = asyncio.Event()  # reviews are under way: time to close tasks
 
     async def publisher() -> None:
+        try:
+            await publish_all()
+        finally:
+            short.set()  # the granter never waits on a shortage that can no longer come
+
+    async def publish_all() -> None:
         pending = list(w.task_ids)
         for attempt in range(100):
             if not pending:
@@ -158,8 +165,24 @@ async def run_workload(w: Workload, *, tasks: int, starting_credits: int) -> Non
                 json={"answers": [{"assignment_id": a, "answer": GOOD} for a in ids]},
             )
 
+    async def annotating() -> None:
+        try:
+            await asyncio.gather(*(annotator(t) for t in annotators))
+        finally:
+            annotated.set()
+
     async def reviewer(index: int) -> None:
-        for n in range(w.rounds):
+        try:
+            await review_rounds(index)
+        finally:
+            reviewed.set()  # even when the last rounds found nothing left to review
+
+    async def review_rounds(index: int) -> None:
+        # Reviews race with claims and submissions for as long as annotators work.
+        n = -1
+        while (n := n + 1) < w.rounds or not annotated.is_set():
+            if n >= w.rounds // 2:
+                reviewed.set()
             tid = w.rng.choice(w.task_ids)
             listed = await w.call(
                 "list",
@@ -186,8 +209,6 @@ async def run_workload(w: Workload, *, tasks: int, starting_credits: int) -> Non
                 w.call(verb, "POST", url, req, json=body, headers=key),
                 w.call(verb, "POST", url, req, json=body, headers=key),
             )
-            if n >= w.rounds // 2:
-                reviewed.set()
 
     async def changer() -> None:
         for n in range(w.rounds // 3):
@@ -225,7 +246,7 @@ async def run_workload(w: Workload, *, tasks: int, starting_credits: int) -> Non
         sweeper(),
         reviewer(0),
         reviewer(1),
-        *(annotator(t) for t in annotators),
+        annotating(),
     )
     # Everything still awaiting review is accepted in the end, so payouts can be counted.
     for tid in w.task_ids:
