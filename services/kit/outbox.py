@@ -256,7 +256,7 @@ class OutboxRelay:
     async def backlog(self) -> tuple[int, float]:
         """Unsent events and the age in seconds of the oldest one."""
         model = self.model
-        async with self.db.sessionmaker() as session:
+        async with self.db.read_scope() as session:  # never the SQLite write lock
             count, oldest = (
                 await session.execute(
                     sa.select(sa.func.count(), sa.func.min(model.occurred_at)).where(
