@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -52,15 +52,27 @@ def _migrations_dir(service: str) -> Path:
     return Path(module.SPEC.migrations_dir)
 
 
+WORKER_TARGET_ENV = "ONECLUSTER_SERVE_TARGET"
+"""How ``serve --workers N`` tells its worker processes which target to build."""
+
+
 @cli.command()
 def serve(
     target: Annotated[Target, typer.Argument(help="all services, or one of them")] = Target.all,
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     data_dir: DataDir = None,
-    workers: Annotated[int, typer.Option(help="worker processes")] = 1,
+    workers: Annotated[
+        int, typer.Option(min=1, help="worker processes (more than one needs Redis)")
+    ] = 1,
 ) -> None:
-    """Start the platform (``all``, embedded) or one service (distributed)."""
+    """Start the platform (``all``, embedded) or one service (distributed).
+
+    With ``--workers N`` (N > 1) uvicorn runs N worker processes on the one port, each a
+    full replica of the target: they need ``ONECLUSTER_REDIS_URL``, since the embedded
+    event bus and live message delivery live inside one process. The databases are
+    migrated once here, before the workers start, so they never race to migrate.
+    """
     import os
 
     import uvicorn
@@ -73,24 +85,79 @@ def serve(
         overrides["public_url"] = f"http://{shown}:{port}"
     settings = _settings(data_dir, **overrides)
     configure_logging(settings.log_level, settings.log_json)
+    common: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_config": None,
+        "proxy_headers": True,
+        "timeout_graceful_shutdown": 20,
+    }
+    if workers > 1:
+        if settings.redis_url is None:
+            typer.echo(
+                "--workers above 1 needs Redis (ONECLUSTER_REDIS_URL): without it events"
+                " and live messages stay inside one process.",
+                err=True,
+            )
+            raise typer.Exit(2)
+        if settings.auto_migrate:
+            _migrate_all(settings, _services_of(target), "heads")
+        # The workers are new processes: they read their settings from the environment.
+        os.environ.update(
+            {
+                WORKER_TARGET_ENV: target.value,
+                "ONECLUSTER_AUTO_MIGRATE": "false",
+                "ONECLUSTER_DATA_DIR": str(settings.data_dir),
+                "ONECLUSTER_PUBLIC_URL": settings.public_url,
+            }
+        )
+        typer.echo(
+            f"OneCluster ({target.value}, {workers} workers) on {settings.public_url}"
+            "  — API docs at /docs"
+        )
+        uvicorn.run("api.cli:worker_app", factory=True, workers=workers, **common)
+        return
+    typer.echo(f"OneCluster ({target.value}) on {settings.public_url}  — API docs at /docs")
+    uvicorn.run(_build(target, settings), **common)
+
+
+def _build(target: Target, settings: Settings) -> Any:
+    """The ASGI app of ``target``: the gateway for ``all``, else the one service."""
     if target is Target.all:
         from api.gateway import create_gateway
 
-        app: object = create_gateway(settings)
-    else:
-        import importlib
+        return create_gateway(settings)
+    import importlib
 
-        app = importlib.import_module(f"services.{target.value}.app").create_app(settings)
-    typer.echo(f"OneCluster ({target.value}) on {settings.public_url}  — API docs at /docs")
-    uvicorn.run(
-        app,  # type: ignore[arg-type]
-        host=host,
-        port=port,
-        workers=workers if workers > 1 else None,
-        log_config=None,
-        proxy_headers=True,
-        timeout_graceful_shutdown=20,
-    )
+    return importlib.import_module(f"services.{target.value}.app").create_app(settings)
+
+
+def worker_app() -> Any:
+    """The app of one ``serve --workers N`` worker (uvicorn calls this in each process)."""
+    import os
+
+    from services.kit.telemetry import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return _build(Target(os.environ.get(WORKER_TARGET_ENV, "all")), settings)
+
+
+def _services_of(target: Target) -> list[str]:
+    return [s.value for s in Service] if target is Target.all else [target.value]
+
+
+def _migrate_all(settings: Settings, names: list[str], revision: str) -> None:
+    from services.kit.db import Database
+
+    for name in names:
+        db = Database(settings.database_url_for(name), schema=name)
+        try:
+            db.migrate_sync(_migrations_dir(name), revision)
+        finally:
+            if db._sync_engine is not None:
+                db._sync_engine.dispose()
+        typer.echo(f"{name}: at {revision}")
 
 
 @cli.command()
@@ -100,18 +167,9 @@ def migrate(
     revision: Annotated[str, typer.Option(help="target revision")] = "heads",
 ) -> None:
     """Bring each service's database to the latest (or given) revision."""
-    from services.kit.db import Database
-
     settings = _settings(data_dir)
     names = [service.value] if service else [s.value for s in Service]
-    for name in names:
-        db = Database(settings.database_url_for(name), schema=name)
-        try:
-            db.migrate_sync(_migrations_dir(name), revision)
-        finally:
-            if db._sync_engine is not None:
-                db._sync_engine.dispose()
-        typer.echo(f"{name}: at {revision}")
+    _migrate_all(settings, names, revision)
 
 
 @keys_cli.command("rotate")

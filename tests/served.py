@@ -48,6 +48,7 @@ def served_process(
     *,
     name: str = "server",
     ready_within: float = 60,
+    args: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Like :func:`serve_platform` for one ``target``, also handing out the process
     (which the test may signal or kill itself); its output goes to ``<name>.log``."""
@@ -67,7 +68,7 @@ def served_process(
     env.update(extra_env or {})
     log = tmp_path / f"{name}.log"
     command = [sys.executable, "-m", "api.cli", "serve", target, "--port", str(port)]
-    command += ["--data-dir", str(tmp_path / "var")]
+    command += ["--data-dir", str(tmp_path / "var"), *args]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
