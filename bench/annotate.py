@@ -67,6 +67,7 @@ from bench.loadgen import (
     HttpRequest,
     machine_cpu_seconds,
     process_cpu_seconds,
+    process_tree_cpu_seconds,
     processes_cpu,
     read_response,
 )
@@ -101,7 +102,7 @@ class Cpu:
             generator=time.process_time()
             if generator_pid is None
             else process_cpu_seconds(generator_pid),
-            server=process_cpu_seconds(server_pid) if server_pid is not None else None,
+            server=process_tree_cpu_seconds(server_pid) if server_pid is not None else None,
             backing=processes_cpu(backing),
             machine=machine_cpu_seconds(),
         )
@@ -151,6 +152,22 @@ class Window:
         bk = sum(cpu - self.start.backing.get(pid, 0.0) for pid, cpu in self.end.backing.items())
         wall = self.end.wall - self.start.wall
         return max(0.0, machine - gen - srv - bk) / wall if wall else None
+
+
+SERVE = [sys.executable, "-m", "api.cli", "serve"]
+IDLE_SHARE = 0.05
+
+
+async def settle(pid: int, max_wait: float = 180.0) -> float:
+    """Wait until the server (all its workers) uses under 5% of a core over a second."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait:
+        before = process_tree_cpu_seconds(pid)
+        await asyncio.sleep(1.0)
+        after = process_tree_cpu_seconds(pid)
+        if before is None or after is None or after - before < IDLE_SHARE:
+            break
+    return time.perf_counter() - start
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -356,6 +373,7 @@ class Report:
     sql: Window | None = None
     exports: list[str] = field(default_factory=list)
     profile: list[str] = field(default_factory=list)
+    settle_seconds: float = 0.0
     pgbench_summary: str = ""
 
 
@@ -400,7 +418,7 @@ async def run(args: argparse.Namespace) -> Report:
         data = str(tmp / "var")
         server = Server(
             "onecluster serve",
-            [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--data-dir", data],
+            [*SERVE, "--port", str(port), "--data-dir", data, "--workers", str(args.workers)],
             child_env(**env),
             logs / "serve.log",
         )
@@ -408,7 +426,9 @@ async def run(args: argparse.Namespace) -> Report:
         stack.callback(server.stop)
         stack.push(_show_errors_of(server))
         await server.wait_ready(f"{base}/readyz")
-        mode = "PostgreSQL + Redis, one uvicorn worker"
+        mode = "PostgreSQL + Redis, " + (
+            "one uvicorn worker" if args.workers == 1 else f"{args.workers} uvicorn workers"
+        )
         step(f"onecluster serve ready on {base} ({mode}); seeding {args.annotators} annotators")
 
         def new_client() -> httpx.AsyncClient:
@@ -436,7 +456,7 @@ async def run(args: argparse.Namespace) -> Report:
 
             # -- import
             step(f"import: {args.items} items, {IMPORT_LINES_PER_REQUEST} JSONL lines per request")
-            srv0, t0 = process_cpu_seconds(server.pid), time.perf_counter()
+            srv0, t0 = process_tree_cpu_seconds(server.pid), time.perf_counter()
             for start in range(0, args.items, IMPORT_LINES_PER_REQUEST):
                 chunk = jsonl_items(start, min(IMPORT_LINES_PER_REQUEST, args.items - start))
                 response = await client.post(
@@ -446,7 +466,7 @@ async def run(args: argparse.Namespace) -> Report:
                 )
                 _ok(response)
             report.import_seconds = time.perf_counter() - t0
-            srv1 = process_cpu_seconds(server.pid)
+            srv1 = process_tree_cpu_seconds(server.pid)
             report.import_items = args.items
             if srv0 is not None and srv1 is not None:
                 report.import_server_cpu = srv1 - srv0
@@ -499,8 +519,14 @@ async def run(args: argparse.Namespace) -> Report:
                 Path(args.profile), server_ms_per_annotation=http.per_annotation_ms("server")
             )
 
-        # -- pgbench
-        step(f"pgbench: {args.annotators} clients, the same claim + submit in SQL")
+        # -- pgbench, once the server has finished the HTTP run's background work (the
+        # outbox relay and the consumers of the submitted answers), which would otherwise
+        # run beside pgbench and take CPU from it
+        report.settle_seconds = await settle(server.pid)
+        step(
+            f"server idle {report.settle_seconds:.1f} s after the HTTP window;"
+            f" pgbench: {args.annotators} clients, the same claim + submit in SQL"
+        )
         sql_counts = Counts(db_url, SCRATCH_SCHEMA, tid)
         stack.callback(sql_counts.close)
         proc = await asyncio.create_subprocess_exec(
@@ -673,6 +699,10 @@ def print_report(report: Report, args: argparse.Namespace) -> None:
         )
     if sql is not None:
         print(sql.note)
+        print(
+            f"pgbench started once the server was idle, {report.settle_seconds:.1f} s after the"
+            " HTTP window (its outbox relay and event consumers finishing the run's events)"
+        )
     for w in (http, sql):
         if w is not None and w.exhausted:
             print(f"!! {w.name}: the task's work ran out; rate measured until it did")
@@ -701,13 +731,14 @@ def print_report(report: Report, args: argparse.Namespace) -> None:
             print(
                 f"CPU per annotation, every party: HTTP {http_cpu:.2f} ms, pgbench {sql_cpu:.2f} ms"
                 f" (pgbench / HTTP = {sql_cpu / http_cpu:.2f}: the ratio on an otherwise idle"
-                " machine, steadier when it is busy); one worker at one full core would do"
+                " machine, steadier when it is busy); one full core of server would do"
                 f" {1000 / (http.per_annotation_ms('server') or 1):.0f} annotations/s"
             )
     print(
         "\ngen: the load generator (this process for HTTP, pgbench for SQL); srv: the\n"
-        "onecluster serve process; db: this run's PostgreSQL backends and Redis; CPU columns\n"
-        "are shares of one core; others: every other process (well above 0% = disturbed)."
+        "onecluster serve process and its workers; db: this run's PostgreSQL backends and\n"
+        "Redis; CPU columns are shares of one core; others: every other process (well above\n"
+        "0% = disturbed)."
     )
 
 
@@ -726,6 +757,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--items", type=int, default=100_000, help="items of the task")
     parser.add_argument("--overlap", type=int, default=3, help="annotations per item")
     parser.add_argument("--batch", type=int, default=10, help="items per claim")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes of the server"
+    )
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
     parser.add_argument(
@@ -753,6 +787,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--items must be in [1, 1000000] and --overlap in [1, 10]")
     if not (0 < args.duration <= 600 and 0 <= args.warmup <= 60):
         parser.error("--duration must be in (0, 600] and --warmup in [0, 60]")
+    if not 1 <= args.workers <= 16 or (args.profile and args.workers > 1):
+        parser.error("--workers must be in [1, 16], and 1 with --profile")
     return args
 
 
