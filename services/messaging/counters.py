@@ -7,6 +7,9 @@ sockets, slow consumers cut off and subscriptions told to resync over REST.
 
 from __future__ import annotations
 
+from functools import cache
+from typing import Any
+
 from prometheus_client import Counter, Gauge
 
 MESSAGES_POSTED = Counter(
@@ -19,6 +22,14 @@ FRAMES_DELIVERED = Counter(
     "Frames written to WebSocket clients, by frame type",
     ["type"],
 )
+
+
+@cache
+def frames_delivered(kind: str) -> Any:
+    """The ``FRAMES_DELIVERED`` child of a frame type (labelled once, not per frame)."""
+    return FRAMES_DELIVERED.labels(kind)
+
+
 OPEN_SOCKETS = Gauge(
     "messaging_websocket_connections",
     "WebSocket connections open on this replica (accepted and not yet closed)",

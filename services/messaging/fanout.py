@@ -14,10 +14,15 @@ a periodic sweep compares each subscribed channel's ``last_seq`` with what was s
 fetches what a lost notification (or a writer that died between commit and publish)
 left behind; a Redis reconnect triggers the same check at once.
 
-Backpressure: each socket has a bounded queue of frames (``messaging_send_queue``) and
-its own writer task. Live delivery only ever puts a frame in the queue without waiting,
-so one socket can never hold up another or the notification listener. A client that
-does not read fills its TCP window, then the writer's frame waits longer than
+Writing and backpressure: each socket has a bounded queue of frames
+(``messaging_send_queue``) and its own writer task. A frame for a socket whose writer is
+idle (nothing queued, nothing being written) is written at once, in the caller's task:
+the socket's send runs eagerly and, for a client that keeps up, completes without ever
+waiting, so fanning a message out to 1,000 sockets is one loop of writes rather than
+1,000 task switches. If that send has to wait (the client's TCP window is full) it is
+finished by a task of its own, and later frames queue behind it. Live delivery never
+waits, so one socket can never hold up another or the notification listener. A client
+that does not read fills its TCP window, then a write waits longer than
 ``messaging_send_timeout``, or the queue overflows: either way the socket is closed with
 4008 ("slow consumer"). A replay (subscribe, gap fill) does wait for room in the queue,
 within the same timeout, since it runs in the subscription's own task.
@@ -37,7 +42,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,12 +50,13 @@ import sqlalchemy as sa
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
+from starlette.websockets import WebSocketDisconnect
 
 from services.kit.auth import DenyList, MemoryDenyList, Principal
 from services.kit.db import Database
 from services.kit.settings import Settings
 from services.messaging import presence, service
-from services.messaging.counters import RESYNCS, SLOW_CONSUMER_DISCONNECTS
+from services.messaging.counters import RESYNCS, SLOW_CONSUMER_DISCONNECTS, frames_delivered
 from services.messaging.models import Channel
 
 log = logging.getLogger("onecluster.messaging.fanout")
@@ -146,14 +152,67 @@ class Subscription:
             self.catching_up = False
 
 
+Sender = Callable[[str], Coroutine[Any, Any, None]]
+"""Writes one text frame to a socket (``WebSocket.send_text``)."""
+
+
+def run_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run ``coro`` in the caller's task until it first waits; None if it finished.
+
+    When it has to wait, a task takes over at that point and drives it to the end (what
+    ``Task`` does for a coroutine it started itself; Python 3.12's eager tasks do the
+    same). Exceptions of the synchronous part are raised here, later ones by the task.
+    """
+    try:
+        awaited = coro.send(None)
+    except StopIteration:
+        return None
+    task = asyncio.ensure_future(_drive(coro, awaited))
+    # Cancelled before its first step, the task never enters ``_drive``: close ``coro``
+    # then, so it unwinds all the same (a no-op once it has finished).
+    task.add_done_callback(lambda _: coro.close())
+    return task
+
+
+async def _drive(coro: Coroutine[Any, Any, None], awaited: Any) -> None:
+    """Resume ``coro`` each time what it waits on (a future, or None for a bare yield)
+    is done; a cancellation of this task is thrown into it, so it unwinds."""
+    while True:
+        try:
+            if awaited is None:
+                await asyncio.sleep(0)
+            else:
+                awaited._asyncio_future_blocking = False
+                await awaited
+        except BaseException as exc:  # its own failure or our cancellation: raise it there
+            try:
+                awaited = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            awaited = coro.send(None)
+        except StopIteration:
+            return
+
+
 @dataclass(eq=False)
 class Connection:
-    """One authenticated socket: its principal, subscriptions and outgoing queue."""
+    """One authenticated socket: its principal, subscriptions and outgoing queue.
+
+    ``sender`` is set by the socket's handler once its writer runs; until then (and in
+    tests without a socket) every frame goes through ``queue``. ``idle`` is true while
+    the writer waits on an empty queue; ``sending`` is the task finishing a direct
+    write that had to wait.
+    """
 
     hub: Hub
     principal: Principal
     caller: service.Caller
     queue: asyncio.Queue[dict[str, Any]]
+    sender: Sender | None = None
+    idle: bool = False
+    sending: asyncio.Task[None] | None = None
     subs: dict[str, Subscription] = field(default_factory=dict)
     closed: bool = False
     close_code: int = 1000
@@ -168,13 +227,52 @@ class Connection:
         return presence.entry(self.caller.user_id, self.caller.firm_id, self.socket_id)
 
     def push(self, payload: dict[str, Any]) -> None:
-        """Queue a frame without waiting; a full queue means a slow consumer (4008)."""
+        """Send a frame without waiting: written now when the socket is idle, else
+        queued; a full queue means a slow consumer (4008)."""
         if self.closed:
+            return
+        idle = self.idle and self.sending is None and self.queue.empty()
+        if idle and self.sender is not None:
+            self._write_now(payload)
             return
         try:
             self.queue.put_nowait(payload)
         except asyncio.QueueFull:
             self.fail(CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def _write_now(self, payload: dict[str, Any]) -> None:
+        assert self.sender is not None
+        try:
+            rest = run_eagerly(self.sender(encode(payload)))
+        except Exception as exc:  # the client went away (or the socket broke)
+            self.lost(exc)
+            return
+        frames_delivered(str(payload.get("type", ""))).inc()
+        if rest is not None:  # the write must wait for the client: time it out, and
+            self.sending = rest  # let later frames queue behind it
+            watchdog = asyncio.get_running_loop().call_later(
+                self.hub.settings.messaging_send_timeout, self._write_timed_out, rest
+            )
+            rest.add_done_callback(lambda task: self._written(task, watchdog))
+
+    def _write_timed_out(self, task: asyncio.Task[None]) -> None:
+        if not task.done():
+            self.fail(CLOSE_SLOW_CONSUMER, "slow consumer")
+            task.cancel()
+
+    def _written(self, task: asyncio.Task[None], watchdog: asyncio.TimerHandle) -> None:
+        watchdog.cancel()
+        if self.sending is task:
+            self.sending = None
+        if not task.cancelled() and task.exception() is not None:
+            self.lost(task.exception())
+
+    def lost(self, exc: BaseException | None) -> None:
+        """A write failed: the socket is gone (anything else is logged too)."""
+        gone = (WebSocketDisconnect, RuntimeError, OSError)
+        if exc is not None and not isinstance(exc, gone):
+            log.warning("socket write failed: %r", exc)
+        self.fail(1000, "")
 
     async def put(self, payload: dict[str, Any]) -> bool:
         """Queue a frame, waiting for room up to the send timeout (replays); False if closed."""

@@ -39,7 +39,7 @@ from services.kit.errors import (
 )
 from services.kit.settings import Settings
 from services.messaging import service
-from services.messaging.counters import FRAMES_DELIVERED, OPEN_SOCKETS
+from services.messaging.counters import OPEN_SOCKETS, frames_delivered
 from services.messaging.fanout import (
     CLOSE_FORBIDDEN,
     CLOSE_SLOW_CONSUMER,
@@ -158,9 +158,11 @@ async def _serve(websocket: WebSocket) -> None:
         )
     finally:
         hub.disconnect(conn)
-        for task in (reader, writer):
+        conn.sender = None
+        tasks = [t for t in (reader, writer, conn.sending) if t is not None]
+        for task in tasks:
             task.cancel()
-        for task in (reader, writer):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await _close(websocket, conn.close_code, conn.close_reason)
@@ -191,10 +193,24 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
 
 
 async def _write(websocket: WebSocket, conn: Connection) -> None:
+    """Write what queued up while the socket was busy (see ``fanout``): frames pushed
+    while this task waits on an empty queue are written by the pusher directly."""
     timeout = conn.hub.settings.messaging_send_timeout
+    conn.sender = websocket.send_text
     try:
         while True:
-            payload = await conn.queue.get()
+            if conn.queue.empty():
+                conn.idle = True
+                try:
+                    payload = await conn.queue.get()
+                finally:
+                    conn.idle = False
+            else:
+                payload = conn.queue.get_nowait()
+            if conn.sending is not None:  # a direct write still waits: keep the order
+                await asyncio.wait({conn.sending})
+                if conn.closed:
+                    return
             text = encode(payload)  # once per fan-out, not once per subscriber
             try:
                 async with asyncio.timeout(timeout):  # no task per frame, unlike wait_for
@@ -202,7 +218,7 @@ async def _write(websocket: WebSocket, conn: Connection) -> None:
             except TimeoutError:
                 conn.fail(CLOSE_SLOW_CONSUMER, "slow consumer")
                 return
-            FRAMES_DELIVERED.labels(str(payload.get("type", ""))).inc()
+            frames_delivered(str(payload.get("type", ""))).inc()
     except (WebSocketDisconnect, RuntimeError, OSError):
         conn.fail(1000, "")
 
