@@ -77,37 +77,39 @@ async def test_run_eagerly_hands_a_waiting_coroutine_to_a_task() -> None:
     assert steps == ["before", "after"]
 
 
-async def test_run_eagerly_raises_into_and_cancels_the_coroutine() -> None:
+def waiter(unwound: list[str]) -> tuple[asyncio.Future[None], Any]:
+    """A gate, and a coroutine that waits on it and notes when it unwinds."""
     gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    unwound: list[str] = []
 
-    async def failing() -> None:
+    async def wait() -> None:
         try:
             await gate
         finally:
-            unwound.append("finally")
+            unwound.append("unwound")
 
-    task = run_eagerly(failing())
+    return gate, wait()
+
+
+async def test_run_eagerly_raises_a_later_failure_from_its_task() -> None:
+    unwound: list[str] = []
+    gate, coro = waiter(unwound)
+    task = run_eagerly(coro)
     assert task is not None
     gate.set_exception(OSError("gone"))
     with pytest.raises(OSError, match="gone"):
         await task
-    assert unwound == ["finally"]
+    assert unwound == ["unwound"]
 
-    gate2: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    async def waiting() -> None:
-        try:
-            await gate2
-        finally:
-            unwound.append("cancelled")
-
-    task = run_eagerly(waiting())
+async def test_cancelling_the_task_unwinds_the_coroutine() -> None:
+    unwound: list[str] = []
+    _, coro = waiter(unwound)
+    task = run_eagerly(coro)
     assert task is not None
-    task.cancel()
+    task.cancel()  # before the task ran once
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert unwound == ["finally", "cancelled"]
+    assert unwound == ["unwound"]
 
 
 async def test_frames_for_an_idle_socket_are_written_by_the_pusher(tmp_path: Path) -> None:
