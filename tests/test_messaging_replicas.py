@@ -309,3 +309,76 @@ async def test_a_replica_that_misses_notifications_fills_the_gap_from_the_databa
         finally:
             await redis.aclose()
             await db.dispose()
+
+
+async def test_access_loss_through_one_replica_ends_subscriptions_on_the_other(
+    tmp_path: Path, database_url: str | None, redis_prefix: str
+) -> None:
+    """A firm leaves the cluster (and a user its firm) through A: sockets on B hear of it.
+
+    Membership's event is consumed by one replica of the consumer group, either one; the
+    people affected have a socket on each replica, so one of the two learns of it only
+    through Redis. The sweep is set to an hour: only the access notification can end a
+    subscription or close a socket with a deny-listed token here.
+    """
+    env = {"ONECLUSTER_MESSAGING_SWEEP_INTERVAL": "3600"}
+    with (
+        replica(tmp_path, "a", database_url, redis_prefix, env) as (base_a, _),
+        replica(tmp_path, "b", database_url, redis_prefix, env) as (base_b, _),
+    ):
+        http, w, general = await served_world(base_a, "revoke")
+        async with (
+            contextlib.aclosing(http),
+            MessagingClient(base_b, token(w, "nm")) as nm_b,
+            MessagingClient(base_a, token(w, "nm")) as nm_a,
+            MessagingClient(base_b, token(w, "sx2")) as sx2_b,
+            MessagingClient(base_a, token(w, "sx2")) as sx2_a,
+            MessagingClient(base_b, token(w, "op")) as op_b,
+        ):
+            topic = await http.post(
+                "/v1/channels",
+                json={"cluster_id": w.cluster_id, "kind": "public", "name": "topic"},
+                headers=w.h("op"),
+            )
+            assert topic.status_code == 201, topic.text
+            topic_id = topic.json()["id"]
+            for client in (nm_b, nm_a, sx2_b, sx2_a, op_b):
+                for channel in (general, topic_id):
+                    assert (await client.subscribe(channel))["type"] == "subscribed"
+
+            # the firm nm leaves the cluster through A: both its sockets lose both channels
+            left = await http.delete(
+                f"/v1/clusters/{w.cluster_id}/members/{w.firms['nm']}", headers=w.h("nm")
+            )
+            assert left.status_code == 204, left.text
+            for nm in (nm_b, nm_a):
+                ended = [await nm.recv_until("unsubscribed", wait=30) for _ in "ab"]
+                assert {(u["channel_id"], u["reason"]) for u in ended} == {
+                    (general, "access_revoked"),
+                    (topic_id, "access_revoked"),
+                }
+                # the socket stays open, and the channels are gone for it
+                await nm.send_frame({"type": "ping", "id": "still"})
+                assert (await nm.recv_until("pong"))["ref"] == "still"
+                again = await nm.subscribe(general)
+                assert (again["type"], again["code"]) == ("error", "not_found")
+
+            # sx2 is removed from its firm through A: its token is deny-listed → 4002
+            removed = await http.delete(
+                f"/v1/firms/{w.firms['sx']}/members/{w.ids['sx2']}", headers=w.h("sx")
+            )
+            assert removed.status_code == 204, removed.text
+            for sx2 in (sx2_b, sx2_a):
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await sx2.recv(wait=30)
+                assert sx2.ws is not None
+                assert (sx2.ws.close_code, sx2.ws.close_reason) == (4002, "token revoked")
+
+            # op, on B, noticed nothing: it gets the next message, posted through A
+            r = await http.post(
+                f"/v1/channels/{general}/messages", json={"text": "still here"}, headers=w.h("op")
+            )
+            assert r.status_code == 201, r.text
+            event = await op_b.recv_until("event", wait=30)
+            assert (event["seq"], event["message"]["text"]) == (1, "still here")

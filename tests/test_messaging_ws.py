@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 from pathlib import Path
 
@@ -103,7 +104,11 @@ async def test_auth_first_frame_and_typed_errors(
 async def test_replay_then_live_without_gaps_and_resync_beyond_the_bound(
     tmp_path: Path, database_url: str | None, redis_prefix: str
 ) -> None:
-    env = {"ONECLUSTER_MESSAGING_REPLAY_LIMIT": "30"}
+    # no sweep: only the live notifications of posts, edits and deletes deliver them
+    env = {
+        "ONECLUSTER_MESSAGING_REPLAY_LIMIT": "30",
+        "ONECLUSTER_MESSAGING_SWEEP_INTERVAL": "3600",
+    }
     with replica(tmp_path, "a", database_url, redis_prefix, env) as (base, _):
         http, w, general = await served_world(base, "live")
         async with contextlib.aclosing(http):
@@ -161,13 +166,27 @@ async def test_replay_then_live_without_gaps_and_resync_beyond_the_bound(
                 edited = await reader.recv_until("event")
                 assert (edited["seq"], edited["event"]) == (46, "edited")
                 assert edited["message"]["text"] == "new"
+                # and so is a delete: the next seq, the message as a tombstone, no text
+                gone = await http.delete(
+                    f"/v1/channels/{general}/messages/{first['id']}", headers=w.h("op")
+                )
+                assert gone.status_code == 200, gone.text
+                deleted = await reader.recv_until("event")
+                assert (deleted["type"], deleted["channel_id"]) == ("event", general)
+                assert (deleted["seq"], deleted["event"]) == (47, "deleted")
+                tombstone = deleted["message"]
+                assert (tombstone["id"], tombstone["seq"]) == (first["id"], first["seq"])
+                assert tombstone["deleted"] is True and tombstone["deleted_at"]
+                assert tombstone["text"] == "" and tombstone["attachments"] == []
+                assert '"new"' not in json.dumps(deleted) and "old 0" not in json.dumps(deleted)
             async with MessagingClient(base, token(w, "nm")) as late:
                 answer = await late.subscribe(general, since_seq=10)
-                assert answer["type"] == "resync_required" and answer["last_seq"] == 46
+                assert answer["type"] == "resync_required" and answer["last_seq"] == 47
                 answer = await late.subscribe(general, since_seq=40)
                 assert answer["type"] == "subscribed"
-                replayed = [(await late.recv_until("event"))["seq"] for _ in range(6)]
-                assert replayed == [41, 42, 43, 44, 45, 46]
+                replayed = [await late.recv_until("event") for _ in range(7)]
+                assert [e["seq"] for e in replayed] == [41, 42, 43, 44, 45, 46, 47]
+                assert (replayed[-1]["event"], replayed[-1]["message"]) == ("deleted", tombstone)
 
 
 async def test_a_client_that_stops_reading_is_closed_with_4008_and_slows_nobody(
