@@ -17,6 +17,7 @@ A 1.75, B 1.0, C 1.0, D 0.25; by region CN-BJ 2.75, CN-SX 1.25.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 
 import networkx as nx
@@ -355,3 +356,112 @@ def test_diagnose_flags_what_crosses() -> None:
     assert "investor" in signals["knowledge_capital_kinds_present"]["missing"]
     assert signals["isolate_share"]["value"] == 0.0
     assert problems["agglomerated_not_clustered"]["flagged"] is True  # one kind of five
+
+
+def homogeneous_of(
+    industries: Mapping[str, tuple[str, tuple[str, ...]]], peers: dict[str, dict[str, float]]
+) -> dict:
+    """The homogeneous-competition diagnosis of ``four_firms`` with its members' regions
+    and industries replaced (name → (region, industries); new names join untied)."""
+    from services.metrics.diagnostics import DiagnosticInputs, diagnose
+
+    facts = four_firms()
+    facts.members = {
+        name: FirmFact(name, region, "small_micro_enterprise", codes)
+        for name, (region, codes) in industries.items()
+    }
+    report = compute_indicators(facts, CONFIG)
+    stats = network_statistics(build_graph(facts, CONFIG), CONFIG)
+    problems = diagnose(facts, report, stats, DiagnosticInputs(peers, [], set()), CONFIG)
+    (problem,) = [p for p in problems if p["key"] == "homogeneous_competition"]
+    return problem
+
+
+def test_homogeneous_competition_is_flagged_above_the_peer_similarity_threshold() -> None:
+    from services.metrics.diagnostics import krugman
+
+    threshold = CONFIG.diagnostics.max_similarity_to_peers
+    assert threshold == 0.9
+    # Own structure: 0301 2, 0501 2, split over two regions with nothing in common, so
+    # only the similarity to another cluster can flag. A peer (0301 1, 0501 y) has
+    # cosine (1 + y) / (√2 · √(1 + y²)): 0.9010 at y = 0.35, 0.8991 at y = 0.345.
+    members = {
+        "A": ("CN-BJ", ("0301",)),
+        "B": ("CN-BJ", ("0301",)),
+        "C": ("CN-SX", ("0501",)),
+        "D": ("CN-SX", ("0501",)),
+    }
+    own = {"0301": 2.0, "0501": 2.0}
+
+    def similarity(y: float) -> float:
+        return (1 + y) / (math.sqrt(2) * math.sqrt(1 + y * y))
+
+    near = {"0301": 1.0, "0501": 0.35}
+    problem = homogeneous_of(members, {"far": {"0601": 1.0}, "near": near})
+    assert (problem["name"], problem["flagged"]) == ("Homogeneous competition", True)
+    peers, regions = problem["signals"]
+    assert peers == {
+        "indicator": "max_similarity_to_other_clusters",
+        "value": round(similarity(0.35), 6),
+        "op": ">",
+        "threshold": threshold,
+        "crossed": True,
+        "cluster_id": "near",  # the most similar of the clusters compared
+        "krugman": pytest.approx(krugman(own, near)),
+        "clusters_compared": 2,
+    }
+    assert peers["value"] == pytest.approx(0.901002, abs=1e-6)
+    # shares ½ ½ against 1/1.35 and 0.35/1.35.
+    assert peers["krugman"] == pytest.approx(2 * (1 / 1.35 - 0.5))
+    assert regions["indicator"] == "mean_similarity_between_regions"
+    assert (regions["value"], regions["crossed"]) == (0.0, False)
+    assert regions["pairs"] == [{"regions": ["CN-BJ", "CN-SX"], "cosine": 0.0, "krugman": 2.0}]
+
+    # Just under the threshold: not flagged, the evidence still names the nearest peer.
+    problem = homogeneous_of(members, {"far": {"0601": 1.0}, "near": {"0301": 1.0, "0501": 0.345}})
+    peers, regions = problem["signals"]
+    assert peers["value"] == round(similarity(0.345), 6)
+    assert threshold - 0.001 < peers["value"] < threshold
+    assert (peers["crossed"], peers["cluster_id"], regions["crossed"]) == (False, "near", False)
+    assert problem["flagged"] is False
+
+
+def test_homogeneous_competition_is_flagged_when_regions_look_alike() -> None:
+    threshold = CONFIG.diagnostics.max_similarity_between_regions
+    assert threshold == 0.9
+    # CN-BJ is all 0301; CN-SX has n firms in 0301 and one in 0501: cosine n / √(n² + 1),
+    # 3/√10 = 0.9487 (flagged) with three, 2/√5 = 0.8944 (not) with two.
+    look_alike = {
+        "A": ("CN-BJ", ("0301",)),
+        "B": ("CN-BJ", ("0301",)),
+        "C": ("CN-SX", ("0301",)),
+        "D": ("CN-SX", ("0301",)),
+        "E": ("CN-SX", ("0301",)),
+        "F": ("CN-SX", ("0501",)),
+    }
+    problem = homogeneous_of(look_alike, {})
+    assert problem["flagged"] is True
+    peers, regions = problem["signals"]
+    # No other cluster to compare with: no value, which never crosses.
+    assert peers["value"] is None and peers["crossed"] is False
+    assert (peers["cluster_id"], peers["krugman"], peers["clusters_compared"]) == (None, None, 0)
+    assert regions == {
+        "indicator": "mean_similarity_between_regions",
+        "value": round(3 / math.sqrt(10), 6),
+        "op": ">",
+        "threshold": threshold,
+        "crossed": True,
+        # shares 1, 0 against ¾, ¼: K = ¼ + ¼.
+        "pairs": [
+            {"regions": ["CN-BJ", "CN-SX"], "cosine": round(3 / math.sqrt(10), 6), "krugman": 0.5}
+        ],
+    }
+
+    near_miss = {k: v for k, v in look_alike.items() if k != "E"}
+    problem = homogeneous_of(near_miss, {})
+    (_, regions) = problem["signals"]
+    assert regions["value"] == round(2 / math.sqrt(5), 6)
+    assert regions["value"] < threshold
+    assert regions["crossed"] is False
+    assert regions["pairs"][0]["krugman"] == pytest.approx(2 / 3)
+    assert problem["flagged"] is False
