@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from services.kit.settings import Settings
+
+if TYPE_CHECKING:
+    from services.kit.runtime import Runtime
 
 cli = typer.Typer(help="OneCluster: one online industrial cluster.", no_args_is_help=True)
 keys_cli = typer.Typer(help="Token signing keys.", no_args_is_help=True)
@@ -54,6 +57,8 @@ def _migrations_dir(service: str) -> Path:
 
 WORKER_TARGET_ENV = "ONECLUSTER_SERVE_TARGET"
 """How ``serve --workers N`` tells its worker processes which target to build."""
+WORKER_SHUTDOWN_DELAY_ENV = "ONECLUSTER_SERVE_SHUTDOWN_DELAY"
+"""How ``serve --workers N`` tells its worker processes the ``--shutdown-delay``."""
 
 
 @cli.command()
@@ -65,6 +70,14 @@ def serve(
     workers: Annotated[
         int, typer.Option(min=1, help="worker processes (more than one needs Redis)")
     ] = 1,
+    shutdown_delay: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="seconds to keep serving after SIGTERM while /readyz answers 503"
+            " draining, before the listener closes (a second SIGTERM stops at once)",
+        ),
+    ] = 0.0,
 ) -> None:
     """Start the platform (``all``, embedded) or one service (distributed).
 
@@ -72,6 +85,11 @@ def serve(
     full replica of the target: they need ``ONECLUSTER_REDIS_URL``, since the embedded
     event bus and live message delivery live inside one process. The databases are
     migrated once here, before the workers start, so they never race to migrate.
+
+    On SIGTERM uvicorn closes the listener at once, so nothing can ask ``/readyz`` any
+    more; ``--shutdown-delay S`` first keeps serving for S seconds with ``/readyz``
+    answering 503 ``draining``, so a load balancer that watches readiness stops sending
+    requests before the connections are refused.
     """
     import os
 
@@ -106,6 +124,7 @@ def serve(
         os.environ.update(
             {
                 WORKER_TARGET_ENV: target.value,
+                WORKER_SHUTDOWN_DELAY_ENV: str(shutdown_delay),
                 "ONECLUSTER_AUTO_MIGRATE": "false",
                 "ONECLUSTER_DATA_DIR": str(settings.data_dir),
                 "ONECLUSTER_PUBLIC_URL": settings.public_url,
@@ -118,18 +137,65 @@ def serve(
         uvicorn.run("api.cli:worker_app", factory=True, workers=workers, **common)
         return
     typer.echo(f"OneCluster ({target.value}) on {settings.public_url}  — API docs at /docs")
-    uvicorn.run(_build(target, settings), **common)
+    uvicorn.run(_build(target, settings, shutdown_delay), **common)
 
 
-def _build(target: Target, settings: Settings) -> Any:
+def _build(target: Target, settings: Settings, shutdown_delay: float = 0.0) -> Any:
     """The ASGI app of ``target``: the gateway for ``all``, else the one service."""
     if target is Target.all:
         from api.gateway import create_gateway
 
-        return create_gateway(settings)
+        gateway = create_gateway(settings)
+        return _drain_before_stopping(gateway, gateway.runtime, shutdown_delay)
     import importlib
 
-    return importlib.import_module(f"services.{target.value}.app").create_app(settings)
+    app = importlib.import_module(f"services.{target.value}.app").create_app(settings)
+    return _drain_before_stopping(app, app.state.runtime, shutdown_delay)
+
+
+def _drain_before_stopping(app: Any, runtime: Runtime, delay: float) -> Any:
+    """``app``, which on the first SIGTERM says ``draining`` on ``/readyz`` (503) and keeps
+    serving for ``delay`` seconds before passing the signal on to uvicorn.
+
+    uvicorn installs its signal handlers (``signal.signal``) before it starts the
+    lifespan, in a single process and in each ``--workers`` worker alike, so the lifespan
+    call puts this handler in front of uvicorn's. The handler only flips the flag and
+    wakes the loop; the loop then waits out the delay. A second SIGTERM (or one that
+    comes when the lifespan is already ending) goes to uvicorn at once.
+    """
+    if delay <= 0:
+        return app
+    import asyncio
+    import logging
+    import signal
+    import threading
+
+    log = logging.getLogger("onecluster.serve")
+
+    def hold_sigterm(loop: asyncio.AbstractEventLoop) -> None:
+        stop = signal.getsignal(signal.SIGTERM)
+        if not callable(stop) or threading.current_thread() is not threading.main_thread():
+            return
+
+        def begin() -> None:
+            log.info("SIGTERM: /readyz answers draining; shutting down in %s s", delay)
+            loop.call_later(delay, stop, signal.SIGTERM, None)
+
+        def on_sigterm(sig: int, frame: Any) -> None:
+            if runtime.draining:
+                stop(sig, frame)
+            else:
+                runtime.draining = True
+                loop.call_soon_threadsafe(begin)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    async def draining_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            hold_sigterm(asyncio.get_running_loop())
+        await app(scope, receive, send)
+
+    return draining_app
 
 
 def worker_app() -> Any:
@@ -140,7 +206,8 @@ def worker_app() -> Any:
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
-    return _build(Target(os.environ.get(WORKER_TARGET_ENV, "all")), settings)
+    target = Target(os.environ.get(WORKER_TARGET_ENV, "all"))
+    return _build(target, settings, float(os.environ.get(WORKER_SHUTDOWN_DELAY_ENV, "0")))
 
 
 def _services_of(target: Target) -> list[str]:
