@@ -322,6 +322,12 @@ def test_compose_file_follows_the_compose_specification() -> None:
     assert {"postgres", "redis", "edge"} <= names
     for service in SERVICES:
         assert {service, f"migrate-{service}"} <= names
+    # The parser holds the file to the specification: unknown keys and wrong types fail.
+    for path, bad in ((("edge", "bogus_key"), 1), (("edge", "depends_on"), 5)):
+        broken = compose()
+        broken["services"][path[0]][path[1]] = bad
+        with pytest.raises(ValueError, match=path[1]):
+            PyCompose.from_yaml(yaml.safe_dump(broken))
 
 
 def test_compose_starts_things_in_order_and_checks_their_health() -> None:
@@ -368,6 +374,22 @@ def test_the_image_runs_the_cli_as_an_unprivileged_user() -> None:
         if line.strip() and not line.startswith("#")
     ]
     assert ignored[0] == "*" and "!services/" in ignored and "!tests/" not in ignored
+
+
+def test_the_image_is_pinned_and_carries_no_secrets() -> None:
+    dockerfile = (ROOT / "infra/Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", dockerfile, re.MULTILINE))
+    for image in re.findall(r"^FROM\s+(\S+)", dockerfile, re.MULTILINE):
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        # a version tag (python:3.11-slim-bookworm) or a digest; never bare or latest
+        assert re.search(r":\d+(\.\d+)+[\w.-]*$|@sha256:[0-9a-f]{64}$", image), image
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["UV_VERSION"])
+    # nothing secret is baked in: no credentials in ENV/ARG, no env files or keys copied
+    baked = re.findall(r"^(?:ENV|ARG)\s+(.*(?:\n\s+.*)*)", dockerfile, re.MULTILINE)
+    names = re.findall(r"([A-Z_][A-Z0-9_]*)=", "\n".join(baked))
+    assert names and not [n for n in names if re.search("SECRET|PASSWORD|TOKEN|_KEY$", n)]
+    copied = re.findall(r"^COPY\s+(?!--from)(.*)$", dockerfile, re.MULTILINE)
+    assert not [c for c in copied if re.search(r"\.env|\.pem|id_rsa|secret", c)], copied
 
 
 # -- observability ----------------------------------------------------------------------
