@@ -132,6 +132,19 @@ async def general_of(client: httpx.AsyncClient, world: World, person: str = "op"
     return general
 
 
+async def public_channel(
+    client: httpx.AsyncClient, world: World, name: str, person: str = "op"
+) -> str:
+    """A new public channel of the world's cluster; its id."""
+    made = await client.post(
+        "/v1/channels",
+        json={"cluster_id": world.cluster_id, "kind": "public", "name": name},
+        headers=world.h(person),
+    )
+    assert made.status_code == 201, made.text
+    return str(made.json()["id"])
+
+
 async def post(
     client: httpx.AsyncClient, world: World, person: str, channel_id: str, text: str, **extra: Any
 ) -> httpx.Response:

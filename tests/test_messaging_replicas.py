@@ -31,7 +31,7 @@ from services.messaging import service
 from services.messaging.client import MessagingClient, follow
 from services.messaging.schemas import Attachment
 from tests.conftest import REDIS_URL, requires_postgres, requires_redis
-from tests.messaging_support import World, replica, served_world, token
+from tests.messaging_support import World, public_channel, replica, served_world, token
 
 pytestmark = [pytest.mark.slow, requires_postgres, requires_redis]
 
@@ -335,13 +335,7 @@ async def test_access_loss_through_one_replica_ends_subscriptions_on_the_other(
             MessagingClient(base_a, token(w, "sx2")) as sx2_a,
             MessagingClient(base_b, token(w, "op")) as op_b,
         ):
-            topic = await http.post(
-                "/v1/channels",
-                json={"cluster_id": w.cluster_id, "kind": "public", "name": "topic"},
-                headers=w.h("op"),
-            )
-            assert topic.status_code == 201, topic.text
-            topic_id = topic.json()["id"]
+            topic_id = await public_channel(http, w, "topic")
             for client in (nm_b, nm_a, sx2_b, sx2_a, op_b):
                 for channel in (general, topic_id):
                     assert (await client.subscribe(channel))["type"] == "subscribed"

@@ -16,7 +16,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from services.messaging.client import MessagingClient
-from tests.messaging_support import replica, scrape, served_world, token, value
+from tests.messaging_support import public_channel, replica, scrape, served_world, token, value
 
 pytestmark = pytest.mark.slow
 
@@ -65,12 +65,7 @@ async def test_auth_first_frame_and_typed_errors(
                     answer = await outsider.subscribe(channel)
                     assert (answer["type"], answer["code"]) == ("error", "not_found")
                     await outsider.close()
-                pub = await http.post(
-                    "/v1/channels",
-                    json={"cluster_id": w.cluster_id, "kind": "public", "name": "p"},
-                    headers=w.h("op"),
-                )
-                await sx.send(pub.json()["id"], "hi")
+                await sx.send(await public_channel(http, w, "p"), "hi")
                 assert (await sx.recv())["code"] == "not_a_member"
                 await sx.send(general, "x" * 2000)
                 assert (await sx.recv())["code"] == "message_too_large"
@@ -268,13 +263,7 @@ async def test_access_loss_ends_subscriptions_at_once_and_revoked_tokens_close_t
             MessagingClient(base, token(w, "sx2")) as sx2,
             MessagingClient(base, token(w, "op")) as op,
         ):
-            topic = await http.post(
-                "/v1/channels",
-                json={"cluster_id": w.cluster_id, "kind": "public", "name": "topic"},
-                headers=w.h("op"),
-            )
-            assert topic.status_code == 201
-            topic_id = topic.json()["id"]
+            topic_id = await public_channel(http, w, "topic")
             for client in (nm, sx2, op):
                 for channel in (general, topic_id):
                     assert (await client.subscribe(channel))["type"] == "subscribed"
