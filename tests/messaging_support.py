@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import ConnectionClosed
 
+from services.messaging.client import MessagingClient
 from tests.marketplace_support import add_member, join, owner_of, vendor_profile
 from tests.oauth_flow import bearer
 from tests.served import served_process
@@ -143,6 +146,47 @@ async def public_channel(
     )
     assert made.status_code == 201, made.text
     return str(made.json()["id"])
+
+
+async def cut_off_and_check(
+    http: httpx.AsyncClient,
+    w: World,
+    channels: tuple[str, str],
+    nm: list[MessagingClient],
+    sx2: list[MessagingClient],
+    op: MessagingClient,
+) -> None:
+    """The access-loss scenario on sockets subscribed to ``channels`` (general first):
+    the firm nm leaves the cluster (its sockets stay, their subscriptions end with
+    ``access_revoked``); sx2 is removed from its firm (its token is deny-listed: 4002);
+    op notices nothing and gets the next message."""
+    left = await http.delete(
+        f"/v1/clusters/{w.cluster_id}/members/{w.firms['nm']}", headers=w.h("nm")
+    )
+    assert left.status_code == 204, left.text
+    for client in nm:
+        ended = [await client.recv_until("unsubscribed", wait=30) for _ in channels]
+        assert {(u["channel_id"], u["reason"]) for u in ended} == {
+            (c, "access_revoked") for c in channels
+        }
+        await client.send_frame({"type": "ping", "id": "still"})
+        assert (await client.recv_until("pong"))["ref"] == "still"
+        again = await client.subscribe(channels[0])
+        assert (again["type"], again["code"]) == ("error", "not_found")
+    removed = await http.delete(
+        f"/v1/firms/{w.firms['sx']}/members/{w.ids['sx2']}", headers=w.h("sx")
+    )
+    assert removed.status_code == 204, removed.text
+    for client in sx2:
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await client.recv(wait=30)
+        assert client.ws is not None
+        assert (client.ws.close_code, client.ws.close_reason) == (4002, "token revoked")
+    r = await post(http, w, "op", channels[0], "still here")
+    assert r.status_code == 201, r.text
+    event = await op.recv_until("event", wait=30)
+    assert (event["seq"], event["message"]["text"]) == (1, "still here")
 
 
 async def post(

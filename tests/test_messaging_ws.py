@@ -16,7 +16,15 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from services.messaging.client import MessagingClient
-from tests.messaging_support import public_channel, replica, scrape, served_world, token, value
+from tests.messaging_support import (
+    cut_off_and_check,
+    public_channel,
+    replica,
+    scrape,
+    served_world,
+    token,
+    value,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -268,33 +276,4 @@ async def test_access_loss_ends_subscriptions_at_once_and_revoked_tokens_close_t
                 for channel in (general, topic_id):
                     assert (await client.subscribe(channel))["type"] == "subscribed"
 
-            # the firm nm leaves the cluster: its user's subscriptions end, the socket stays
-            left = await http.delete(
-                f"/v1/clusters/{w.cluster_id}/members/{w.firms['nm']}", headers=w.h("nm")
-            )
-            assert left.status_code == 204, left.text
-            ended = {(await nm.recv_until("unsubscribed", wait=30))["channel_id"] for _ in "ab"}
-            assert ended == {general, topic_id}
-            await nm.send_frame({"type": "ping", "id": "still"})
-            assert (await nm.recv_until("pong"))["ref"] == "still"
-            again = await nm.subscribe(general)
-            assert (again["type"], again["code"]) == ("error", "not_found")
-
-            # sx2 is removed from its firm: membership deny-lists its token → 4002
-            removed = await http.delete(
-                f"/v1/firms/{w.firms['sx']}/members/{w.ids['sx2']}", headers=w.h("sx")
-            )
-            assert removed.status_code == 204, removed.text
-            with pytest.raises(ConnectionClosed):
-                while True:
-                    await sx2.recv(wait=30)
-            assert sx2.ws is not None
-            assert (sx2.ws.close_code, sx2.ws.close_reason) == (4002, "token revoked")
-
-            # nobody else noticed anything: op still gets the next message
-            r = await http.post(
-                f"/v1/channels/{general}/messages", json={"text": "still here"}, headers=w.h("op")
-            )
-            assert r.status_code == 201
-            event = await op.recv_until("event", wait=30)
-            assert (event["seq"], event["message"]["text"]) == (1, "still here")
+            await cut_off_and_check(http, w, (general, topic_id), [nm], [sx2], op)
