@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.kit.auth import Principal
 from services.messaging.fanout import CLOSE_SLOW_CONSUMER, Connection, Hub, frame, run_eagerly
@@ -42,6 +43,11 @@ def connection(tmp_path: Path, **settings: Any) -> Connection:
     hub = Hub(None, make_settings(tmp_path, None, "direct", **settings), None)  # type: ignore[arg-type]
     principal = Principal("user", "u1", "web", "f1", frozenset(), "jti", int(time.time()) + 600)
     return hub.connect(principal)
+
+
+def delivered() -> float:
+    sample = REGISTRY.get_sample_value("messaging_frames_delivered_total", {"type": "message"})
+    return sample or 0.0
 
 
 def texts(n: int) -> list[dict[str, Any]]:
@@ -128,18 +134,19 @@ async def test_a_write_that_waits_keeps_later_frames_in_order(tmp_path: Path) ->
     conn, socket = connection(tmp_path), FakeSocket()
     writer = asyncio.create_task(_write(socket, conn))  # type: ignore[arg-type]
     await asyncio.sleep(0)
+    before = delivered()
     conn.push(texts(1)[0])
     socket.gate.clear()  # the client's window is full from now on
     for payload in texts(6)[1:]:
         conn.push(payload)
     assert conn.sending is not None and conn.queue.qsize() == 4
-    assert seqs(socket) == [1]
+    assert seqs(socket) == [1] and delivered() == before + 1  # 2 is not written yet
     socket.gate.set()
     for _ in range(100):
         await asyncio.sleep(0.01)
         if len(socket.written) == 6:
             break
-    assert seqs(socket) == [1, 2, 3, 4, 5, 6]
+    assert seqs(socket) == [1, 2, 3, 4, 5, 6] and delivered() == before + 6
     assert conn.sending is None and not conn.closed
     conn.push(frame("message", seq=7))  # idle again: direct
     assert seqs(socket)[-1] == 7
@@ -153,6 +160,7 @@ async def test_a_direct_write_that_never_completes_ends_the_socket_with_4008(
     writer = asyncio.create_task(_write(socket, conn))  # type: ignore[arg-type]
     await asyncio.sleep(0)
     socket.gate.clear()
+    before = delivered()
     conn.push(texts(1)[0])
     sending = conn.sending
     assert sending is not None and socket.waiting == 1
@@ -160,6 +168,7 @@ async def test_a_direct_write_that_never_completes_ends_the_socket_with_4008(
     assert (conn.closed, conn.close_code) == (True, CLOSE_SLOW_CONSUMER)
     await asyncio.sleep(0)
     assert sending.cancelled() and conn.sending is None
+    assert delivered() == before  # never written, never counted
     writer.cancel()
 
 

@@ -247,25 +247,35 @@ class Connection:
         except Exception as exc:  # the client went away (or the socket broke)
             self.lost(exc)
             return
-        frames_delivered(str(payload.get("type", ""))).inc()
-        if rest is not None:  # the write must wait for the client: time it out, and
-            self.sending = rest  # let later frames queue behind it
-            watchdog = asyncio.get_running_loop().call_later(
-                self.hub.settings.messaging_send_timeout, self._write_timed_out, rest
-            )
-            rest.add_done_callback(lambda task: self._written(task, watchdog))
+        delivered = frames_delivered(str(payload.get("type", "")))
+        if rest is None:
+            delivered.inc()
+            return
+        # The write must wait for the client: time it out, and let later frames queue
+        # behind it; it counts as delivered once it is written.
+        self.sending = rest
+        watchdog = asyncio.get_running_loop().call_later(
+            self.hub.settings.messaging_send_timeout, self._write_timed_out, rest
+        )
+        rest.add_done_callback(lambda task: self._written(task, watchdog, delivered))
 
     def _write_timed_out(self, task: asyncio.Task[None]) -> None:
         if not task.done():
             self.fail(CLOSE_SLOW_CONSUMER, "slow consumer")
             task.cancel()
 
-    def _written(self, task: asyncio.Task[None], watchdog: asyncio.TimerHandle) -> None:
+    def _written(
+        self, task: asyncio.Task[None], watchdog: asyncio.TimerHandle, delivered: Any
+    ) -> None:
         watchdog.cancel()
         if self.sending is task:
             self.sending = None
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
             self.lost(task.exception())
+        else:
+            delivered.inc()
 
     def lost(self, exc: BaseException | None) -> None:
         """A write failed: the socket is gone (anything else is logged too)."""
