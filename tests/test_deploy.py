@@ -12,6 +12,7 @@ nginx edge and the Ingress to the service that serves it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -324,7 +325,7 @@ def test_compose_file_follows_the_compose_specification() -> None:
         assert {service, f"migrate-{service}"} <= names
     # The parser holds the file to the specification: unknown keys and wrong types fail.
     for path, bad in ((("edge", "bogus_key"), 1), (("edge", "depends_on"), 5)):
-        broken = compose()
+        broken = copy.deepcopy(compose())  # compose() is cached: never change it
         broken["services"][path[0]][path[1]] = bad
         with pytest.raises(ValueError, match=path[1]):
             PyCompose.from_yaml(yaml.safe_dump(broken))
